@@ -1,0 +1,152 @@
+"""Count likelihoods, written once and shared by every model (tests check them against
+``torch.distributions``).
+
+Counts come either as a dense ``(N, M)`` tensor or as `CSRCounts`, which keeps only the
+non-zero counts: a categorical likelihood ``sum_j x_ij log p_ij`` has no terms where
+``x_ij = 0``, so neither do its value and its gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+LOG_EPS = 1e-6  # the course ETM's guard inside log(theta @ beta + 1e-6): p can underflow to 0
+
+
+class CSRCounts:
+    """A cells x genes count matrix kept as CSR, with the transposed pattern precomputed.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse matrix or array-like, shape (N, M)
+        Raw counts.
+    dtype : torch.dtype
+    device : torch.device or str
+    """
+
+    def __init__(self, matrix, dtype=torch.float32, device="cpu"):
+        csr = sp.csr_matrix(matrix)
+        csr.sum_duplicates()
+        csr.sort_indices()
+        csc = csr.tocsc()  # same entries, column-major: the transposed CSR's pattern
+        # position in csr.data of every entry of csc.data
+        order = sp.csr_matrix(
+            (np.arange(csr.nnz, dtype=np.float64), csr.indices, csr.indptr), shape=csr.shape
+        ).tocsc()
+        self.shape = csr.shape
+        self.nnz = csr.nnz
+        as_long = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)  # noqa: E731
+        self.crow, self.col = as_long(csr.indptr), as_long(csr.indices)
+        self.t_crow, self.t_col = as_long(csc.indptr), as_long(csc.indices)
+        self.t_perm = as_long(order.data)
+        self.values = torch.as_tensor(csr.data, dtype=dtype, device=device)
+        self.pattern = torch.sparse_csr_tensor(self.crow, self.col, self.values, size=self.shape)
+
+    def csr(self, values):
+        """A torch CSR tensor (N, M) with this pattern and ``values`` (nnz,)."""
+        return torch.sparse_csr_tensor(self.crow, self.col, values, size=self.shape)
+
+    def csr_t(self, values):
+        """The transpose (M, N) of `csr`, as a CSR tensor."""
+        return torch.sparse_csr_tensor(
+            self.t_crow, self.t_col, values[self.t_perm], size=self.shape[::-1]
+        )
+
+    def dense(self):
+        """The counts as a dense (N, M) tensor."""
+        return self.pattern.to_dense()
+
+    def row_sums(self):
+        """Total count of every cell, shape (N,)."""
+        return torch.segment_reduce(self.values, "sum", offsets=self.crow)
+
+
+class _SparseCategoricalNLL(torch.autograd.Function):
+    """-(1/N) sum_ij x_ij log((theta beta)_ij + eps), evaluated and differentiated at x != 0.
+
+    Forward: the product theta @ beta is sampled at the non-zeros (SDDMM); backward: with
+    g_ij = -x_ij / ((theta beta)_ij + eps) / N on those entries, d/dtheta = G beta^T and
+    d/dbeta = theta^T G are sparse-dense products.
+    """
+
+    @staticmethod
+    def forward(ctx, theta, beta, counts):
+        p = torch.sparse.sampled_addmm(counts.pattern, theta, beta, beta=0.0).values()  # (nnz,)
+        denom = p + LOG_EPS
+        n_cells = theta.shape[0]
+        nll = -(counts.values * torch.log(denom)).sum() / n_cells
+        ctx.counts = counts
+        ctx.save_for_backward(theta, beta, denom)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        theta, beta, denom = ctx.saved_tensors
+        counts = ctx.counts
+        g = -(counts.values / denom) * (grad_out / theta.shape[0])  # (nnz,)
+        grad_theta = counts.csr(g) @ beta.T if ctx.needs_input_grad[0] else None  # (N, K)
+        grad_beta = (counts.csr_t(g) @ theta).T if ctx.needs_input_grad[1] else None  # (K, M)
+        return grad_theta, grad_beta, None
+
+
+def categorical_nll(theta, beta, counts):
+    """Mean over cells of -sum_j x_ij log(p_ij + eps), with p = theta @ beta.
+
+    The ETM's reconstruction term: each cell's counts are draws from the categorical
+    distribution p_i over genes (the multinomial coefficient is constant and dropped).
+
+    Parameters
+    ----------
+    theta : Tensor, shape (N, K)
+        Topic proportions (rows sum to 1).
+    beta : Tensor, shape (K, M)
+        Topic-gene probabilities (rows sum to 1).
+    counts : Tensor (N, M) or CSRCounts
+        Raw counts; `CSRCounts` takes the sparse path, same value and gradient.
+
+    Returns
+    -------
+    Tensor, scalar
+    """
+    if isinstance(counts, CSRCounts):
+        return _SparseCategoricalNLL.apply(theta, beta, counts)
+    return -(torch.log(theta @ beta + LOG_EPS) * counts).sum(1).mean()
+
+
+def categorical_logits_nll(logits, counts):
+    """Mean over cells of -sum_j x_ij log softmax(logits_i)_j.
+
+    For decoders that mix topics in logit space (scETM's batch-corrected decoder).
+
+    Parameters
+    ----------
+    logits : Tensor, shape (N, M)
+    counts : Tensor (N, M) or CSRCounts
+
+    Returns
+    -------
+    Tensor, scalar
+    """
+    log_p = torch.log_softmax(logits, dim=-1)
+    if isinstance(counts, CSRCounts):
+        rows = torch.repeat_interleave(
+            torch.arange(counts.shape[0], device=counts.crow.device), counts.crow.diff()
+        )
+        return -(counts.values * log_p[rows, counts.col]).sum() / counts.shape[0]
+    return -(log_p * counts).sum(1).mean()
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over dimensions, mean over cells.
+
+    Parameters
+    ----------
+    mu, logvar : Tensor, shape (N, K)
+
+    Returns
+    -------
+    Tensor, scalar
+    """
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1).mean()

@@ -1,0 +1,767 @@
+"""COMP 565 assignment 4: unsupervised learning of single-cell transcriptomes with NMF and the ETM.
+
+Data: Mouse Pancreas (Baron et al. 2016, GEO GSE84133), 1886 cells x 4194 genes of raw UMI
+counts, 13 cell types, two mice. Every model turns the counts into a K = 16 dimensional
+embedding of the cells, and every iteration is scored by `evaluate_ari`: Louvain clusters of
+the embedding against the annotated cell types.
+
+    Q1  nmf_sse       NMF minimizing ||X - WH||^2 by multiplicative updates
+    Q2  monitor_perf  objective and ARI against iteration
+    Q3  nmf_psn       NMF maximizing the Poisson log-likelihood
+    Q4  train_scETM   the embedded topic model (etm.py), trained on all cells at once
+    Q5  NMF-Poisson for 1000 iterations against the ETM
+    Q6  t-SNE of the ETM's theta and of NMF-Poisson's H, side by side
+    Q7  cells x topics heatmap (seaborn.clustermap)
+    Q8  top 5 genes of every topic (seaborn.heatmap)
+
+Run ``python comp565_A4.py --help`` for the options; the figures, tables and an AnnData with
+every embedding land in ``figures/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures go to files; no display needed
+# scanpy imports the louvain package, which warns about its own dependencies when imported
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+warnings.filterwarnings("ignore", message="This package has been superseded by the `leidenalg` package")
+
+import anndata  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scanpy as sc  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from torch import optim  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from a4.clustering import ARIScorer, default_workers, louvain_ari  # noqa: E402
+from a4.data import DataError, load_course_data  # noqa: E402
+from a4.likelihoods import CSRCounts  # noqa: E402
+from a4.outputs import prepare_dir, save_figure, write_csv, write_h5ad, write_json  # noqa: E402
+from a4.sparse import sampled_product, with_values  # noqa: E402
+from etm import ETM  # noqa: E402
+
+K = 16  # topics / NMF rank
+# Guards the multiplicative updates' divisions: W'WH, W'1, H1' and WH are 0 only when a whole
+# factor row or column has underflowed to 0; EPS keeps the ratio finite (the row stays 0).
+EPS = 1e-12
+
+
+def load_data(data_dir):
+    """The course's data folder as an AnnData (see `a4.data.load_course_data`).
+
+    Returns
+    -------
+    anndata.AnnData, shape (N cells, M genes)
+        ``X`` raw counts (sparse), ``obs['Celltype']``, ``obs['batch']``.
+    """
+    return load_course_data(data_dir)
+
+
+def evaluate_ari(cell_embed, adata, seed=0):
+    """ARI of the Louvain clusters of an embedding against ``adata.obs['Celltype']``.
+
+    Same partition as the assignment's scanpy version,
+    ``sc.pp.neighbors(adata, use_rep='cell_embed', n_neighbors=30)`` then
+    ``sc.tl.louvain(adata, resolution=0.15, random_state=seed)``, computed without the
+    AnnData round trips (see `a4.clustering`).
+
+    Parameters
+    ----------
+    cell_embed : array-like, shape (N, K)
+        One row per cell.
+    adata : anndata.AnnData
+        Cells with ``obs['Celltype']``; the embedding is stored in ``obsm['cell_embed']``.
+    seed : int
+        Louvain's random seed.
+
+    Returns
+    -------
+    float
+        Adjusted Rand index.
+    """
+    cell_embed = np.asarray(cell_embed)
+    adata.obsm["cell_embed"] = cell_embed
+    return louvain_ari(cell_embed, adata.obs["Celltype"].to_numpy(), seed=seed)
+
+
+def _check_finite(value, stage, iteration):
+    if not np.isfinite(value):
+        raise FloatingPointError(
+            f"{stage}: the objective became {value} at iteration {iteration}; "
+            "check the data for extreme values or rerun with another --seed"
+        )
+
+
+def _scorer(adata, scorer):
+    """The caller's scorer, or one that scores each embedding at once in this process."""
+    return scorer if scorer is not None else ARIScorer(adata.obs["Celltype"].to_numpy())
+
+
+# ------------------------------------------------------------------------------ Question 1
+
+
+def nmf_sse(X, W, H, adata, niter=100, scorer=None, start_iter=0):
+    """NMF minimizing the squared error by multiplicative updates (Lee & Seung 2001, Thm 1).
+
+    ``H <- H * (W'X) / (W'W H)``, then ``W <- W * (X H') / (W H H')``. The objective comes
+    from quantities the updates already have, never from the M x N residual:
+    ``||X - WH||^2 = ||X||^2 - 2 <W, X H'> + <W'W, H H'>``.
+
+    Parameters
+    ----------
+    X : scipy.sparse matrix or ndarray, shape (M genes, N cells)
+        Counts.
+    W : ndarray, shape (M, K)
+        Initial gene loadings (not modified).
+    H : ndarray, shape (K, N)
+        Initial cell factors (not modified).
+    adata : anndata.AnnData
+        The N cells, with ``obs['Celltype']``, for the ARI.
+    niter : int
+        Iterations.
+    scorer : a4.clustering.ARIScorer, optional
+        Scores ``H.T`` every iteration; default: `evaluate_ari` at once, in this process.
+    start_iter : int
+        Number of the first iteration in ``perf`` (to continue an earlier run).
+
+    Returns
+    -------
+    W : ndarray, shape (M, K)
+    H : ndarray, shape (K, N)
+    perf : ndarray, shape (niter, 3)
+        Iteration, MSE ``||X - WH||^2 / (N M)``, ARI of ``H.T``.
+    """
+    X = _as_csr(X)
+    W, H = W.astype(np.float64, copy=True), H.astype(np.float64, copy=True)
+    M, N = X.shape
+    X_sq = float(X.multiply(X).sum())  # ||X||^2
+    scorer = _scorer(adata, scorer)
+    perf = np.zeros((niter, 3))
+    tags = [("nmf_sse", start_iter + i) for i in range(niter)]
+    bar = tqdm(range(niter), desc="Q1 NMF-SSE", leave=False, dynamic_ncols=True)
+    for i in bar:
+        H *= (X.T @ W).T / ((W.T @ W) @ H + EPS)  # (K, N)
+        XHt = X @ H.T  # (M, K)
+        HHt = H @ H.T  # (K, K)
+        W *= XHt / (W @ HHt + EPS)  # (M, K)
+        sse = X_sq - 2 * np.sum(W * XHt) + np.sum((W.T @ W) * HHt)
+        mse = max(sse, 0.0) / (N * M)  # rounding can push a near-zero residual below 0
+        _check_finite(mse, "NMF-SSE", start_iter + i)
+        perf[i, :2] = start_iter + i, mse
+        scorer.submit(tags[i], H.T)
+        bar.set_postfix(mse=f"{mse:.4g}", ari=f"{scorer.latest:.3f}")
+    perf[:, 2] = scorer.collect(tags)
+    return W, H, perf
+
+
+def _as_csr(X):
+    """X as a float64 CSR matrix (the NMF updates only read its non-zeros)."""
+    return sp.csr_matrix(X, dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------ Question 2
+
+
+def monitor_perf(perf, objective, path):
+    """Objective (top) and ARI (bottom) against iteration; saved to ``path`` and a PNG twin.
+
+    Parameters
+    ----------
+    perf : ndarray, shape (niter, 3)
+        Iteration, objective, ARI.
+    objective : str
+        Name of the objective (y label of the top panel).
+    path : str or Path
+        Output file, e.g. ``figures/nmf_sse.eps``.
+    """
+    fig, (ax_obj, ax_ari) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    ax_obj.plot(perf[:, 0], perf[:, 1], color="tab:blue")
+    ax_obj.set_ylabel(objective)
+    ax_ari.plot(perf[:, 0], perf[:, 2], color="tab:red")
+    ax_ari.set_ylabel("ARI")
+    ax_ari.set_xlabel("Iteration")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------ Question 3
+
+
+def nmf_psn(X, W, H, adata, niter=100, scorer=None, start_iter=0):
+    """NMF maximizing the Poisson log-likelihood by multiplicative updates (Lee & Seung 2001).
+
+    With ``Q = X / (WH)``: ``H <- H * (W'Q) / (W'1)``, then ``W <- W * (Q H') / (1 H')``.
+    Q is needed only where X != 0 (`a4.sparse.sampled_product`), ``W'1`` and ``1 H'`` are
+    column and row sums, and ``sum(WH) = <W'1, H1>``, so nothing M x N is ever formed.
+
+    Parameters
+    ----------
+    X : scipy.sparse matrix or ndarray, shape (M genes, N cells)
+        Counts.
+    W : ndarray, shape (M, K)
+        Initial gene loadings (not modified).
+    H : ndarray, shape (K, N)
+        Initial cell factors (not modified).
+    adata : anndata.AnnData
+        The N cells, with ``obs['Celltype']``, for the ARI.
+    niter : int
+        Iterations.
+    scorer : a4.clustering.ARIScorer, optional
+        Scores ``H.T`` every iteration; default: `evaluate_ari` at once, in this process.
+    start_iter : int
+        Number of the first iteration in ``perf`` (to continue an earlier run).
+
+    Returns
+    -------
+    W : ndarray, shape (M, K)
+    H : ndarray, shape (K, N)
+    perf : ndarray, shape (niter, 3)
+        Iteration, mean Poisson log-likelihood ``sum(X log WH - WH) / (N M)`` (without the
+        constant log X!), ARI of ``H.T``.
+    """
+    X = _as_csr(X)
+    W, H = W.astype(np.float64, copy=True), H.astype(np.float64, copy=True)
+    M, N = X.shape
+    scorer = _scorer(adata, scorer)
+    perf = np.zeros((niter, 3))
+    tags = [("nmf_psn", start_iter + i) for i in range(niter)]
+    WH = np.maximum(sampled_product(X, W, H), EPS)  # (nnz,): WH where X != 0
+    bar = tqdm(range(niter), desc="Q3 NMF-Poisson", leave=False, dynamic_ncols=True)
+    for i in bar:
+        Q = with_values(X, X.data / WH)  # X / WH, (M, N) sparse
+        H *= (Q.T @ W).T / (W.sum(axis=0)[:, None] + EPS)  # (K, N)
+        WH = np.maximum(sampled_product(X, W, H), EPS)
+        Q = with_values(X, X.data / WH)
+        W *= (Q @ H.T) / (H.sum(axis=1)[None, :] + EPS)  # (M, K)
+        WH = np.maximum(sampled_product(X, W, H), EPS)  # reused by the next H update
+        loglik = (X.data @ np.log(WH) - W.sum(axis=0) @ H.sum(axis=1)) / (N * M)
+        _check_finite(loglik, "NMF-Poisson", start_iter + i)
+        perf[i, :2] = start_iter + i, loglik
+        scorer.submit(tags[i], H.T)
+        bar.set_postfix(loglik=f"{loglik:.5g}", ari=f"{scorer.latest:.3f}")
+    perf[:, 2] = scorer.collect(tags)
+    return W, H, perf
+
+
+# ------------------------------------------------------------------------------ Question 4
+
+
+def assignment_optimizer(model):
+    """The assignment's Adam (lr 1e-3, weight decay 1.2e-6), made once per model."""
+    if getattr(model, "optimizer", None) is None:
+        model.optimizer = optim.Adam(model.parameters(), lr=1e-3, weight_decay=1.2e-6)
+    return model.optimizer
+
+
+def train_scETM_helper(model, X_tensor, X_tensor_normalized):
+    """One full-batch step of Adam on the negative ELBO (provided by the assignment).
+
+    Parameters
+    ----------
+    model : etm.ETM
+    X_tensor : Tensor (N, M) or a4.likelihoods.CSRCounts
+        Raw counts.
+    X_tensor_normalized : Tensor, shape (N, M)
+        Counts divided by each cell's total.
+
+    Returns
+    -------
+    float
+        The negative ELBO before the step.
+    """
+    optimizer = assignment_optimizer(model)
+    model.train()
+    optimizer.zero_grad()
+    model.zero_grad()
+
+    nll, kl_theta = model(X_tensor, X_tensor_normalized)
+    loss = nll + kl_theta
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)  # clip gradients to norm 2
+    optimizer.step()
+    return torch.sum(loss).item()
+
+
+def get_theta(model, input_x):
+    """Topic proportions from the encoder mean, softmax(mu(x)), shape (N, K) (provided)."""
+    model.eval()
+    with torch.no_grad():
+        q_theta = model.q_theta(input_x)
+        mu_theta = model.mu_q_theta(q_theta)
+        theta = F.softmax(mu_theta, dim=-1)
+        return theta
+
+
+def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=None):
+    """Train the ETM for ``niter`` full-batch steps, scoring theta after every step.
+
+    Parameters
+    ----------
+    model : etm.ETM
+    X_tensor : Tensor (N, M) or a4.likelihoods.CSRCounts
+        Raw counts.
+    X_tensor_normalized : Tensor, shape (N, M)
+        Counts divided by each cell's total.
+    adata : anndata.AnnData
+        The N cells, with ``obs['Celltype']``, for the ARI.
+    niter : int
+        Steps.
+    scorer : a4.clustering.ARIScorer, optional
+        Scores theta every step; default: `evaluate_ari` at once, in this process.
+
+    Returns
+    -------
+    model : etm.ETM
+    perf : ndarray, shape (niter, 3)
+        Iteration, negative ELBO, ARI of theta.
+    """
+    scorer = _scorer(adata, scorer)
+    perf = np.zeros((niter, 3))
+    tags = [("etm", i) for i in range(niter)]
+    bar = tqdm(range(niter), desc="Q4 scETM", leave=False, dynamic_ncols=True)
+    for i in bar:
+        nelbo = train_scETM_helper(model, X_tensor, X_tensor_normalized)
+        _check_finite(nelbo, "scETM", i)
+        theta = get_theta(model, X_tensor_normalized)  # (N, K)
+        perf[i, :2] = i, nelbo
+        scorer.submit(tags[i], theta.cpu().numpy())
+        bar.set_postfix(nelbo=f"{nelbo:.1f}", ari=f"{scorer.latest:.3f}")
+    perf[:, 2] = scorer.collect(tags)
+    return model, perf
+
+
+def normalized_counts(adata, device="cpu"):
+    """Raw counts and each cell's counts divided by its total, as the ETM takes them.
+
+    Returns
+    -------
+    X_tensor : a4.likelihoods.CSRCounts, shape (N, M)
+    X_tensor_normalized : Tensor, shape (N, M), float32, rows summing to 1
+    """
+    X_tensor = CSRCounts(adata.X, device=device)
+    totals = X_tensor.row_sums()  # (N,), > 0: empty cells were dropped at loading
+    values = X_tensor.values / totals.repeat_interleave(X_tensor.crow.diff())
+    return X_tensor, X_tensor.csr(values).to_dense()
+
+
+# ------------------------------------------------------------------------------ Question 5
+
+
+def plot_ari_curves(curves, path, title=None):
+    """ARI against iteration for several models on one axis.
+
+    Parameters
+    ----------
+    curves : dict of str -> ndarray (niter, 3)
+        Model name -> perf table.
+    path : str or Path
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, perf in curves.items():
+        ax.plot(perf[:, 0], perf[:, 2], label=name)
+    ax.set_xlabel("Iteration")
+    ax.set_ylabel("ARI")
+    if title:
+        ax.set_title(title)
+    ax.legend(framealpha=1)  # EPS has no transparency
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------ Question 6
+
+
+def plot_tsne(adata, reps, path, seed=0):
+    """t-SNE (``sc.tl.tsne``) of several embeddings, side by side, coloured by cell type.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        With the embeddings in ``obsm`` and ``obs['Celltype']``; each t-SNE is stored as
+        ``obsm['X_tsne_<rep>']``.
+    reps : dict of str -> str
+        ``obsm`` key -> panel title.
+    path : str or Path
+    seed : int
+        t-SNE random state.
+    """
+    fig, axes = plt.subplots(1, len(reps), figsize=(6.5 * len(reps), 5.5))
+    axes = np.atleast_1d(axes)
+    for ax, (rep, title) in zip(axes, reps.items()):
+        sc.tl.tsne(adata, use_rep=rep, random_state=seed, n_jobs=_n_cores())
+        adata.obsm[f"X_tsne_{rep.removeprefix('X_')}"] = adata.obsm.pop("X_tsne")
+        sc.pl.embedding(adata, basis=f"X_tsne_{rep.removeprefix('X_')}", color="Celltype",
+                        ax=ax, show=False, title=title, frameon=False)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------ Question 7
+
+
+def plot_cells_topics(theta, cell_types, path):
+    """Cells x topics heatmap of theta, clustered, rows coloured by cell type.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (N, K)
+    cell_types : array-like, shape (N,)
+    path : str or Path
+    """
+    cell_types = pd.Series(np.asarray(cell_types), name="cell type")
+    names = sorted(cell_types.unique())
+    palette = dict(zip(names, sns.color_palette("tab20", len(names))))
+    frame = pd.DataFrame(theta, columns=[f"topic {k}" for k in range(theta.shape[1])])
+    grid = sns.clustermap(frame, cmap="Reds", row_colors=cell_types.map(palette).to_numpy(),
+                          yticklabels=False, figsize=(8, 9), cbar_kws={"label": "theta"})
+    grid.ax_heatmap.set_ylabel("cells")
+    grid.ax_heatmap.legend(handles=[Patch(facecolor=palette[n], label=n) for n in names],
+                           title="cell type", bbox_to_anchor=(1.25, 1.0), loc="upper left",
+                           frameon=False)
+    save_figure(grid.figure, path)
+
+
+# ------------------------------------------------------------------------------ Question 8
+
+
+def top_genes(beta, genes, n_top=5):
+    """The ``n_top`` most probable genes of every topic.
+
+    Parameters
+    ----------
+    beta : ndarray, shape (K, M)
+    genes : sequence of str, length M
+
+    Returns
+    -------
+    list of list of str
+        ``K`` lists of ``n_top`` gene names, most probable first.
+    """
+    order = np.argsort(-beta, axis=1)[:, :n_top]
+    return [[genes[j] for j in row] for row in order]
+
+
+def plot_top_genes(beta, genes, path, n_top=5):
+    """Heatmap of beta for the top ``n_top`` genes of every topic (rows), topics (columns).
+
+    Parameters
+    ----------
+    beta : ndarray, shape (K, M)
+    genes : sequence of str, length M
+    path : str or Path
+    """
+    gene_index = {g: j for j, g in enumerate(genes)}
+    rows = list(dict.fromkeys(g for topic in top_genes(beta, genes, n_top) for g in topic))
+    frame = pd.DataFrame(beta[:, [gene_index[g] for g in rows]].T, index=rows,
+                         columns=[str(k) for k in range(beta.shape[0])])
+    fig, ax = plt.subplots(figsize=(7, max(6, 0.16 * len(rows))))
+    sns.heatmap(frame, vmax=0.2, cmap="Reds", ax=ax, yticklabels=True,
+                cbar_kws={"label": "beta (topic-gene probability)"})
+    ax.set_xlabel("topic")
+    ax.set_ylabel(f"top {n_top} genes of each topic")
+    ax.tick_params(axis="y", labelsize=6)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def alpha_topic(theta, cell_types, beta, genes, n_top=5):
+    """The topic most specific to alpha cells and its top genes (the assignment expects Gcg).
+
+    Returns
+    -------
+    dict
+        ``topic``, ``top_genes``, ``gcg_in_top_genes``.
+    """
+    is_alpha = np.asarray(cell_types) == "alpha"
+    if not is_alpha.any():
+        return {"topic": None, "top_genes": [], "gcg_in_top_genes": False}
+    # mean theta in alpha cells over mean theta elsewhere; 1e-12 guards an all-zero topic
+    enrichment = theta[is_alpha].mean(0) / (theta[~is_alpha].mean(0) + 1e-12)
+    k = int(np.argmax(enrichment))
+    genes_k = top_genes(beta, genes, n_top)[k]
+    return {"topic": k, "top_genes": genes_k, "gcg_in_top_genes": "Gcg" in genes_k}
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _n_cores():
+    return default_workers()
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    parser = _Parser(
+        prog="comp565_A4.py",
+        description="COMP 565 A4: NMF and the embedded topic model on Mouse Pancreas single cells.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data-dir", default=os.environ.get("COMP565_DATA_DIR", "data"),
+                        help="the course's data folder (default: $COMP565_DATA_DIR, else data)")
+    parser.add_argument("--figures-dir", default="figures", help="where figures, tables and results go")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="seeds numpy (NMF initialization), torch (ETM) and Louvain")
+    parser.add_argument("--niter-nmf", type=_positive_int, default=100, help="NMF iterations, Q1 and Q3")
+    parser.add_argument("--niter-etm", type=_positive_int, default=1000, help="ETM steps, Q4")
+    parser.add_argument("--niter-long", type=_positive_int, default=1000,
+                        help="NMF-Poisson iterations for the comparison with the ETM, Q5")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 5 NMF, 20 ETM and 20 long NMF-Poisson iterations")
+    parser.add_argument("--device", default="auto",
+                        help="torch device for the ETM: auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--jobs", type=_non_negative_int, default=None,
+                        help="worker processes scoring the ARI while training goes on; 0 scores in "
+                             "the main process (default: one per CPU core)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="run the ETM encoder's first layer in bfloat16 (faster on recent CPUs "
+                             "and GPUs; the rest stays float32)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.niter_nmf, args.niter_etm, args.niter_long = 5, 20, 20
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.jobs is None:
+        args.jobs = _n_cores()
+    return args
+
+
+def resolve_device(name):
+    """A torch.device from --device; ValueError with the fix when unusable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"argument --device: {name} asked for, but torch sees no CUDA GPU; "
+                             "use --device cpu or auto")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"argument --device: {name} does not exist ({torch.cuda.device_count()} "
+                             "GPU(s)); use cuda:0")
+        return torch.device(name)
+    raise ValueError(f"argument --device: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+def seed_everything(seed):
+    """One seed for numpy, Python's random and torch (Louvain gets it per call)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def perf_frame(perf, objective):
+    return pd.DataFrame({"iter": perf[:, 0].astype(int), objective: perf[:, 1], "ari": perf[:, 2]})
+
+
+def run(args, progress):
+    """The eight questions in order; ``progress`` records finished stages and timings."""
+    t_start = time.perf_counter()
+    adata = load_data(args.data_dir)
+    fig_dir = prepare_dir(args.figures_dir)
+    seed_everything(args.seed)
+    torch.set_num_threads(max(1, _n_cores()))
+    genes = adata.var_names.to_list()
+    cell_types = adata.obs["Celltype"].to_numpy()
+    M, N = adata.n_vars, adata.n_obs
+    X = adata.X.T.tocsr().astype(np.float64)  # genes x cells, as the assignment writes X
+
+    # workers first: they fork before torch has started any thread pool
+    with ARIScorer(cell_types, seed=args.seed, n_workers=args.jobs) as scorer:
+        rng = np.random.default_rng(args.seed)
+        W_init, H_init = rng.random((M, K)), rng.random((K, N))
+
+        # Q1 + Q2
+        t0 = time.perf_counter()
+        W_sse, H_sse, perf_sse = nmf_sse(X, W_init, H_init, adata, args.niter_nmf, scorer)
+        progress.stage("nmf_sse", time.perf_counter() - t0)
+        write_csv(perf_frame(perf_sse, "mse"), fig_dir / "perf_nmf_sse.csv")
+        monitor_perf(perf_sse, "MSE", fig_dir / "nmf_sse.eps")
+
+        # Q3
+        t0 = time.perf_counter()
+        W_psn, H_psn, perf_psn = nmf_psn(X, W_init, H_init, adata, args.niter_nmf, scorer)
+        progress.stage("nmf_psn", time.perf_counter() - t0)
+        write_csv(perf_frame(perf_psn, "poisson_loglik"), fig_dir / "perf_nmf_psn.csv")
+        monitor_perf(perf_psn, "Poisson log-likelihood", fig_dir / "nmf_psn.eps")
+        plot_ari_curves({"NMF-SSE": perf_sse, "NMF-Poisson": perf_psn}, fig_dir / "nmf_sse_vs_psn.eps")
+
+        # Q4
+        t0 = time.perf_counter()
+        X_tensor, X_tensor_normalized = normalized_counts(adata, args.device)
+        model = ETM(num_topics=K, vocab_size=M, t_hidden_size=256, rho_size=256, theta_act="relu",
+                    embeddings=None, train_embeddings=True, enc_drop=0.5).to(args.device)
+        model.set_encoder_bf16(args.bf16)
+        model, perf_etm = train_scETM(model, X_tensor, X_tensor_normalized, adata, args.niter_etm, scorer)
+        progress.stage("etm", time.perf_counter() - t0)
+        write_csv(perf_frame(perf_etm, "nelbo"), fig_dir / "perf_scETM.csv")
+        monitor_perf(perf_etm, "NELBO", fig_dir / "scETM_train.eps")
+
+        # Q5: the long run continues the 100-iteration run: the updates are deterministic,
+        # so its first iterations are exactly Q3's.
+        t0 = time.perf_counter()
+        if args.niter_long > args.niter_nmf:
+            W_long, H_long, perf_more = nmf_psn(X, W_psn, H_psn, adata, args.niter_long - args.niter_nmf,
+                                                scorer, start_iter=args.niter_nmf)
+            perf_long = np.vstack([perf_psn, perf_more])
+        else:
+            W_long, H_long, perf_long = nmf_psn(X, W_init, H_init, adata, args.niter_long, scorer)
+        progress.stage("nmf_psn_1000", time.perf_counter() - t0)
+    write_csv(perf_frame(perf_long, "poisson_loglik"), fig_dir / "perf_nmf_psn_1000.csv")
+    monitor_perf(perf_long, "Poisson log-likelihood", fig_dir / "nmf_psn_1000.eps")
+    plot_ari_curves({"NMF-Poisson": perf_long, "scETM": perf_etm}, fig_dir / "nmf_psn_vs_scETM.eps")
+
+    # Q6-Q8
+    t0 = time.perf_counter()
+    theta = get_theta(model, X_tensor_normalized).cpu().numpy()
+    beta = model.get_beta().detach().cpu().numpy()  # (K, M)
+    adata.obsm["X_nmf_sse"] = H_sse.T
+    adata.obsm["X_nmf_psn"] = H_psn.T
+    adata.obsm["X_etm"] = theta
+    adata.obsm["X_nmf_psn_1000"] = H_long.T
+    adata.obsm.pop("cell_embed", None)
+    plot_tsne(adata, {"X_etm": "scETM theta", "X_nmf_psn_1000": "NMF-Poisson H"},
+              fig_dir / "tsne_scETM_vs_nmf.eps", seed=args.seed)
+    plot_cells_topics(theta, cell_types, fig_dir / "cells_topics_heatmap.eps")
+    plot_top_genes(beta, genes, fig_dir / "topics_top_genes_heatmap.eps")
+    progress.stage("figures", time.perf_counter() - t0)
+
+    adata.varm["etm_beta"] = beta.T
+    adata.varm["W_nmf_sse"] = W_sse
+    adata.varm["W_nmf_psn"] = W_psn
+    adata.varm["W_nmf_psn_1000"] = W_long
+    progress.summary.update({
+        "final_ari": {"nmf_sse": perf_sse[-1, 2], "nmf_psn": perf_psn[-1, 2],
+                      "etm": perf_etm[-1, 2], "nmf_psn_1000": perf_long[-1, 2]},
+        "alpha_topic": alpha_topic(theta, cell_types, beta, genes),
+    })
+    adata.uns["summary"] = {k: v for k, v in progress.summary.items() if k != "alpha_topic"}
+    write_h5ad(adata, fig_dir / "mp_results.h5ad")
+    progress.total = time.perf_counter() - t_start
+    return progress.summary
+
+
+class Progress:
+    """Which stages finished, and how long each took: the body of summary.json."""
+
+    def __init__(self, args):
+        self.summary = {
+            "seed": args.seed,
+            "iterations": {"nmf_sse": args.niter_nmf, "nmf_psn": args.niter_nmf,
+                           "etm": args.niter_etm, "nmf_psn_1000": args.niter_long},
+            "device": str(args.device),
+            "bf16": args.bf16,
+            "stages_finished": [],
+            "wall_seconds": {},
+        }
+        self.total = None
+
+    def stage(self, name, seconds):
+        self.summary["stages_finished"].append(name)
+        self.summary["wall_seconds"][name] = round(seconds, 3)
+
+
+def quiet_known_warnings():
+    """Silence library notices that say nothing about this run's results."""
+    for message in (
+        "Sparse CSR tensor support is in beta state",  # torch, on every CSR tensor
+        "Sparse invariant checks are implicitly disabled",
+        "In previous versions of scanpy, calling tsne with n_jobs",
+        "Clustering large matrix with scipy",  # seaborn suggests fastcluster
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    quiet_known_warnings()
+    sc.settings.verbosity = 0
+    progress = Progress(args)
+    t0 = time.perf_counter()
+    try:
+        summary = run(args, progress)
+    except KeyboardInterrupt:
+        done = ", ".join(progress.summary["stages_finished"]) or "none"
+        _write_partial_summary(args, progress, t0, interrupted=True)
+        sys.stderr.write(f"\ninterrupted; finished stages: {done} (their files are complete)\n")
+        return 130
+    except (DataError, NotADirectoryError, FloatingPointError, RuntimeError) as exc:
+        if progress.summary["stages_finished"]:
+            _write_partial_summary(args, progress, t0, interrupted=False, error=str(exc))
+        sys.stderr.write(f"comp565_A4.py: error: {exc}\n")
+        return 1 if not isinstance(exc, DataError) else 2
+    summary["wall_seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    write_json(_jsonable(summary), Path(args.figures_dir) / "summary.json")
+    ari = summary["final_ari"]
+    print("final ARI: " + ", ".join(f"{k} {v:.3f}" for k, v in ari.items())
+          + f"; total {summary['wall_seconds']['total']:.1f} s; outputs in {args.figures_dir}/")
+    return 0
+
+
+def _write_partial_summary(args, progress, t0, interrupted, error=None):
+    """summary.json for a run that stopped early: it says which stages finished."""
+    fig_dir = Path(args.figures_dir)
+    if not fig_dir.is_dir():
+        return
+    summary = dict(progress.summary, interrupted=interrupted)
+    if error:
+        summary["error"] = error
+    summary["wall_seconds"] = dict(summary["wall_seconds"], total=round(time.perf_counter() - t0, 3))
+    write_json(_jsonable(summary), fig_dir / "summary.json")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    return obj
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The ETM and its likelihoods: the sparse path against the dense formula and torch.distributions."""
+
+import numpy as np
+import pytest
+import torch
+from torch import distributions as D
+
+import comp565_A4 as a4
+from a4.likelihoods import CSRCounts, categorical_logits_nll, categorical_nll, gaussian_kl
+from etm import ETM
+
+
+@pytest.fixture
+def tensors(small_adata):
+    torch.manual_seed(0)
+    counts, normalized = a4.normalized_counts(small_adata)
+    return small_adata, counts, normalized
+
+
+def make_model(n_genes, seed=0):
+    torch.manual_seed(seed)
+    return ETM(num_topics=5, vocab_size=n_genes, t_hidden_size=32, rho_size=16, theta_act="relu",
+               embeddings=None, train_embeddings=True, enc_drop=0.5)
+
+
+def test_forward_is_finite_and_beta_theta_are_distributions(tensors):
+    adata, counts, normalized = tensors
+    model = make_model(adata.n_vars)
+    nll, kl = model(counts, normalized)
+    assert nll.ndim == 0 and kl.ndim == 0
+    assert torch.isfinite(nll) and torch.isfinite(kl) and nll > 0 and kl >= 0
+    beta = model.get_beta()
+    assert beta.shape == (5, adata.n_vars)
+    torch.testing.assert_close(beta.sum(1), torch.ones(5))
+    theta = a4.get_theta(model, normalized)
+    assert theta.shape == (adata.n_obs, 5)
+    torch.testing.assert_close(theta.sum(1), torch.ones(adata.n_obs))
+
+
+def test_normalized_counts_rows_sum_to_one(tensors):
+    adata, counts, normalized = tensors
+    torch.testing.assert_close(normalized.sum(1), torch.ones(adata.n_obs))
+    np.testing.assert_array_equal(counts.dense().numpy(), adata.X.toarray())
+
+
+def test_sparse_nll_equals_dense_value_and_gradients(tensors):
+    adata, counts, _ = tensors
+    g = torch.Generator().manual_seed(0)
+    logits_t = torch.randn(adata.n_obs, 5, generator=g, requires_grad=True)
+    logits_b = torch.randn(5, adata.n_vars, generator=g, requires_grad=True)
+    values, grads = [], []
+    for x in (counts, counts.dense()):
+        theta, beta = logits_t.softmax(-1), logits_b.softmax(-1)
+        loss = categorical_nll(theta, beta, x)
+        values.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, (logits_t, logits_b)))
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=0)
+    for sparse_grad, dense_grad in zip(*grads):
+        torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_categorical_nll_is_the_multinomial_log_likelihood(tensors):
+    """sum_j x_j log p_j = Multinomial.log_prob(x) - log multinomial coefficient."""
+    adata, counts, _ = tensors
+    x = counts.dense().double()
+    p = torch.softmax(torch.randn(adata.n_obs, adata.n_vars, dtype=torch.float64), -1)
+    log_coef = torch.lgamma(x.sum(1) + 1) - torch.lgamma(x + 1).sum(1)
+    ref = -(torch.stack([D.Multinomial(int(n), probs=pi).log_prob(xi)
+                         for n, pi, xi in zip(x.sum(1), p, x)]) - log_coef).mean()
+    theta = torch.eye(adata.n_obs, dtype=torch.float64)  # one "topic" per cell: theta @ beta = p
+    got = categorical_nll(theta, p, x)  # includes the 1e-6 guard: tiny difference
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(categorical_logits_nll(torch.log(p), x), ref, rtol=1e-10, atol=0)
+    sparse = CSRCounts(adata.X, dtype=torch.float64)
+    torch.testing.assert_close(categorical_logits_nll(torch.log(p), sparse), ref, rtol=1e-10, atol=0)
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    mu, logvar = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    ref = D.kl_divergence(D.Normal(mu, (0.5 * logvar).exp()), D.Normal(0.0, 1.0)).sum(1).mean()
+    torch.testing.assert_close(gaussian_kl(mu, logvar), ref)
+
+
+def test_training_lowers_the_nelbo(tensors):
+    adata, counts, normalized = tensors
+    model = make_model(adata.n_vars)
+    losses = [a4.train_scETM_helper(model, counts, normalized) for _ in range(200)]
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-10:]) < 0.98 * np.mean(losses[:10])  # lr 1e-3: slow but steady
+
+
+def test_train_scetm_records_every_step(tensors):
+    adata, counts, normalized = tensors
+    model, perf = a4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=15)
+    assert perf.shape == (15, 3)
+    np.testing.assert_array_equal(perf[:, 0], np.arange(15))
+    assert np.isfinite(perf).all()
+    assert perf[-1, 2] == pytest.approx(a4.evaluate_ari(a4.get_theta(model, normalized).numpy(), adata))
+
+
+def test_bf16_encoder_stays_close_to_float32(tensors):
+    adata, counts, normalized = tensors
+    model = make_model(adata.n_vars)
+    theta32 = a4.get_theta(model, normalized)
+    model.set_encoder_bf16(True)
+    theta16 = a4.get_theta(model, normalized)
+    assert theta16.dtype == torch.float32
+    torch.testing.assert_close(theta16, theta32, rtol=0, atol=2e-2)
+    loss = sum(model(counts, normalized))
+    loss.backward()
+    assert model.q_theta[0].weight.grad.dtype == torch.float32
+    assert torch.isfinite(model.q_theta[0].weight.grad).all()
+
+
+def test_fixed_embeddings_and_bad_arguments():
+    rho = torch.randn(30, 8)
+    model = ETM(4, 30, 16, 8, "tanh", embeddings=rho, train_embeddings=False)
+    assert model.get_beta().shape == (4, 30)
+    with pytest.raises(ValueError, match="embeddings of shape"):
+        ETM(4, 30, 16, 8, "tanh", embeddings=None, train_embeddings=False)
+    with pytest.raises(ValueError, match="unknown theta_act"):
+        ETM(4, 30, 16, 8, "sigmoid-ish")
