@@ -550,6 +550,10 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=_non_negative_int, default=None,
                         help="worker processes scoring the ARI while training goes on; 0 scores in "
                              "the main process (default: one per CPU core)")
+    parser.add_argument("--download", nargs="?", const="geo", default=None, metavar="SOURCE",
+                        help="first build the data folder (--data-dir) from GEO GSE84133: SOURCE is "
+                             "'geo' (the default, over the network), another base URL, or a local "
+                             "folder holding the two GSM2230761/GSM2230762 count CSVs")
     parser.add_argument("--bf16", action="store_true",
                         help="run the ETM encoder's first layer in bfloat16 (faster on recent CPUs "
                              "and GPUs; the rest stays float32)")
@@ -599,6 +603,10 @@ def perf_frame(perf, objective):
 def run(args, progress):
     """The eight questions in order; ``progress`` records finished stages and timings."""
     t_start = time.perf_counter()
+    if args.download is not None:
+        from a4.download import build_course_folder
+
+        build_course_folder(args.data_dir, source=args.download)
     adata = load_data(args.data_dir)
     fig_dir = prepare_dir(args.figures_dir)
     seed_everything(args.seed)
