@@ -43,6 +43,7 @@ class DataError(Exception):
 # What a pickled DataFrame (any pandas >= 1.0), a pickled Index and a tuple of strings need:
 # data containers and their rebuild helpers, nothing that can call arbitrary code.
 _SAFE_GLOBALS = frozenset({
+    ("_codecs", "encode"),  # how protocol 2 stores bytes (str -> bytes; torch's weights_only allows it too)
     ("builtins", "slice"),
     ("builtins", "object"),
     ("collections", "OrderedDict"),
@@ -73,6 +74,7 @@ class _AllowListUnpickler(pickle.Unpickler):
         self._name = name
 
     def find_class(self, module, name):
+        module = "builtins" if module == "__builtin__" else module  # its name in protocols 0-2
         if (module, name) not in _SAFE_GLOBALS:
             raise DataError(
                 f"{self._name}: refusing to unpickle it: it asks for {module}.{name}, which is "
@@ -188,7 +190,7 @@ def load_course_data(data_dir):
     )
     adata.obs["Celltype"] = pd.Categorical(sample_info[LABEL_COLUMN].astype(str).to_numpy())
     adata.obs["batch"] = pd.Categorical(sample_info[BATCH_COLUMN].to_numpy())
-    return _drop_empty(adata)
+    return _drop_empty(adata, data_dir / "MP.pickle")
 
 
 def _read_sample_info(path):
@@ -201,17 +203,23 @@ def _read_sample_info(path):
     if missing:
         raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} (it has "
                         f"{_few(info.columns, 5)}); re-copy it from the course's data folder")
-    if info[LABEL_COLUMN].isna().any():
-        row = int(np.flatnonzero(info[LABEL_COLUMN].isna())[0]) + 2
-        raise DataError(f"{path}: empty {LABEL_COLUMN!r} on line {row}; every cell needs a cell type")
+    for column, need in ((LABEL_COLUMN, "a cell type"), (BATCH_COLUMN, "its mouse (batch)")):
+        if info[column].isna().any():
+            row = int(np.flatnonzero(info[column].isna())[0]) + 2
+            raise DataError(f"{path}: empty {column!r} on line {row}; every cell needs {need}")
     return info
 
 
 def _as_str_list(obj, path, what):
     if isinstance(obj, (pd.Index, pd.Series, np.ndarray, list, tuple)):
         items = list(obj)
-        if items and all(isinstance(x, str) for x in items):
-            return items
+        if not items:
+            raise DataError(f"{path}: the list of {what} is empty; re-copy it from the course's data folder")
+        if all(isinstance(x, str) for x in items):
+            return [str(x) for x in items]  # plain str, also for numpy's str_
+        bad = next(x for x in items if not isinstance(x, str))
+        raise DataError(f"{path}: expected {what} as strings, found {type(bad).__name__} {bad!r}; "
+                        "re-copy it from the course's data folder")
     raise DataError(f"{path}: expected a list of {what} (strings), found a {type(obj).__name__}; "
                     "re-copy it from the course's data folder")
 
@@ -243,18 +251,19 @@ def _counts_matrix(counts, path):
     return X.astype(np.int64)
 
 
-def _drop_empty(adata):
+def _drop_empty(adata, path):
     """Drop cells and genes without a single count (a cell's normalized profile would be 0/0)."""
     cell_tot = np.asarray(adata.X.sum(axis=1)).ravel()
     gene_tot = np.asarray(adata.X.sum(axis=0)).ravel()
     n_cells, n_genes = int((cell_tot == 0).sum()), int((gene_tot == 0).sum())
     if n_cells or n_genes:
         warnings.warn(
-            f"dropping {n_cells} cell(s) and {n_genes} gene(s) with zero total counts "
+            f"{path}: dropping {n_cells} cell(s) and {n_genes} gene(s) with zero total counts "
             f"(of {adata.n_obs} cells and {adata.n_vars} genes)",
             stacklevel=3,
         )
         adata = adata[cell_tot > 0, gene_tot > 0].copy()
         if adata.n_obs < 2 or adata.n_vars < 2:
-            raise DataError("fewer than 2 cells or genes have any counts; the data folder is empty")
+            raise DataError(f"{path}: fewer than 2 cells or genes have any counts; the assignment needs "
+                            "the raw UMI counts: re-copy it from the course's data folder")
     return adata
