@@ -34,6 +34,7 @@ import queue
 import signal
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections import OrderedDict
@@ -56,6 +57,113 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _SAFE_SCALED_DISTANCE = 80.0
 
 
+def _effective_k(n_obs, n_neighbors):
+    """scanpy's neighbour count for ``n_obs`` cells (it shrinks it for tiny data sets)."""
+    return 1 + int(0.5 * n_obs) if n_neighbors > n_obs else n_neighbors
+
+
+def _rounding_tolerance(embed64):
+    """Bound on scikit-learn's error in squared distances, per cell, shape (N,).
+
+    scikit-learn computes ||x||^2 + ||y||^2 - 2<x, y>: K products of magnitude at most
+    ||x||^2 + ||y||^2, each off by one ulp; 4x margin.
+    """
+    sq_norm = np.einsum("ij,ij->i", embed64, embed64)
+    return 4 * embed64.shape[1] * np.finfo(np.float64).eps * (sq_norm + sq_norm.max())
+
+
+def _full_search(embed, n_neighbors):
+    """All ``n_neighbors + 1`` nearest neighbours; exact, in scanpy's sense.
+
+    Returns
+    -------
+    indices, distances : ndarray, shape (N, n_neighbors + 1)
+        Sorted by distance, the cell itself included.
+    unambiguous : bool
+        True when the KD-tree's sets are provably scikit-learn's (no ties or duplicates).
+    """
+    n_obs = embed.shape[0]
+    n_query = min(n_neighbors + 1, n_obs)
+    # A KD-tree finds the same neighbour *sets* as scikit-learn's brute force wherever they
+    # are unambiguous: a row is safe when its nearest other cell and its boundary (neighbour
+    # n_neighbors vs n_neighbors + 1) are farther apart than scikit-learn's rounding error.
+    embed64 = np.asarray(embed, dtype=np.float64)
+    distances, indices = cKDTree(embed64).query(embed64, k=n_query)
+    distances = distances.reshape(n_obs, n_query)
+    indices = indices.reshape(n_obs, n_query)
+    tol = _rounding_tolerance(embed64)
+    d_sq = distances**2
+    safe = indices[:, 0] == np.arange(n_obs)
+    if n_query > 1:
+        safe &= d_sq[:, 1] > 2 * tol  # no duplicate or near-duplicate cell
+    if n_query > n_neighbors:
+        safe &= d_sq[:, n_neighbors] - d_sq[:, n_neighbors - 1] > 2 * tol + 1e-12 * d_sq[:, -1]
+    if safe.all():
+        return indices, distances, True
+
+    # Ties or duplicates: scanpy's own call, whose tie order is then part of the answer.
+    nn = NearestNeighbors(n_neighbors=n_query, algorithm="brute").fit(embed)
+    distances, indices = nn.kneighbors(embed)
+    distances[indices == np.arange(n_obs)[:, None]] = 0  # scanpy zeroes the diagonal
+    return indices, distances, False
+
+
+class NeighbourSearch:
+    """Exact kNN that skips the search when no neighbourhood can have changed.
+
+    It keeps the last full search as an anchor. For a new embedding, every distance moved by
+    at most ``delta_i + delta_max`` (``delta``: how far each cell moved since the anchor), so
+    if each cell's gap between neighbour ``k`` and ``k + 1`` exceeds twice that (plus the
+    rounding margin of `_full_search`), every neighbour set is the anchor's: only the
+    distances to those neighbours are recomputed. Late NMF iterations mostly take this path.
+
+    Parameters
+    ----------
+    n_neighbors : int
+        Neighbours per cell, the cell itself included.
+    """
+
+    def __init__(self, n_neighbors=N_NEIGHBORS):
+        self.n_neighbors = n_neighbors
+        self.full = 0
+        self.skipped = 0
+        self._anchor = None
+
+    def __call__(self, embed):
+        """Neighbour ids and distances, each shape (N, k), nearest first, self included."""
+        embed64 = np.asarray(embed, dtype=np.float64)
+        k = _effective_k(embed64.shape[0], self.n_neighbors)
+        reused = self._reuse(embed64, k)
+        if reused is not None:
+            self.skipped += 1
+            return reused
+        self.full += 1
+        indices, distances, unambiguous = _full_search(embed, k)
+        has_boundary = indices.shape[1] > k
+        self._anchor = (embed64.copy(), indices, distances) if unambiguous and has_boundary else None
+        return indices[:, :k], distances[:, :k]
+
+    def _reuse(self, embed64, k):
+        if self._anchor is None or self._anchor[0].shape != embed64.shape:
+            return None
+        anchor, indices, distances = self._anchor
+        delta = np.sqrt(((embed64 - anchor) ** 2).sum(axis=1))  # (N,) displacement
+        shift = delta + delta.max()  # bound on any distance change from cell i
+        tol = _rounding_tolerance(embed64)
+        inner_hi = distances[:, k - 1] + shift  # new k-th distance is at most this
+        outer_lo = distances[:, k] - shift  # new (k+1)-th distance is at least this
+        nearest_lo = distances[:, 1] - shift
+        ok = (outer_lo > inner_hi) & (nearest_lo > 0)
+        ok &= (outer_lo**2 - inner_hi**2 > 2 * tol + 1e-12 * (distances[:, k] + shift) ** 2)
+        ok &= nearest_lo**2 > 2 * tol
+        if not ok.all():
+            return None
+        ids = indices[:, :k]
+        new_d = np.sqrt(((embed64[ids] - embed64[:, None, :]) ** 2).sum(axis=2))  # (N, k)
+        order = np.argsort(new_d, axis=1, kind="stable")
+        return np.take_along_axis(ids, order, axis=1), np.take_along_axis(new_d, order, axis=1)
+
+
 def knn(embed, n_neighbors=N_NEIGHBORS):
     """Exact nearest neighbours, as scanpy's brute-force path finds them.
 
@@ -64,46 +172,19 @@ def knn(embed, n_neighbors=N_NEIGHBORS):
     embed : ndarray, shape (N, K)
         Cell embedding.
     n_neighbors : int
-        Neighbours per cell, the cell itself included (scanpy's convention).
+        Neighbours per cell, the cell itself included (scanpy's convention; scanpy uses
+        ``1 + N // 2`` for fewer than ``n_neighbors`` cells).
 
     Returns
     -------
-    indices : ndarray of int, shape (N, n_neighbors)
+    indices : ndarray of int, shape (N, k)
         Neighbour ids per cell, nearest first; the cell itself is among them.
-    distances : ndarray, shape (N, n_neighbors)
+    distances : ndarray, shape (N, k)
         Euclidean distances, same layout.
     """
-    n_obs, n_dims = embed.shape
-    if n_neighbors > n_obs:  # scanpy's rule for very small data sets
-        n_neighbors = 1 + int(0.5 * n_obs)
-    # scanpy asks for n_neighbors + 1 and keeps the first n_neighbors
-    n_query = min(n_neighbors + 1, n_obs)
-
-    # Fast path: a KD-tree finds the same neighbour *sets* as scikit-learn's brute force
-    # wherever they are unambiguous. scikit-learn computes ||x||^2 + ||y||^2 - 2<x, y>, whose
-    # rounding error is below `tol` (K products of magnitude <= ||x||^2 + ||y||^2, each off
-    # by one ulp, with a 4x margin); a row is safe when its nearest other cell and its
-    # boundary (neighbour n_neighbors vs n_neighbors + 1) are both farther apart than that.
-    embed64 = np.asarray(embed, dtype=np.float64)
-    distances, indices = cKDTree(embed64).query(embed64, k=n_query)
-    distances = distances.reshape(n_obs, n_query)
-    indices = indices.reshape(n_obs, n_query)
-    sq_norm = np.einsum("ij,ij->i", embed64, embed64)
-    tol = 4 * n_dims * np.finfo(np.float64).eps * (sq_norm + sq_norm.max())
-    d_sq = distances**2
-    safe = indices[:, 0] == np.arange(n_obs)
-    if n_query > 1:
-        safe &= d_sq[:, 1] > 2 * tol  # no duplicate or near-duplicate cell
-    if n_query > n_neighbors:
-        safe &= d_sq[:, n_neighbors] - d_sq[:, n_neighbors - 1] > 2 * tol + 1e-12 * d_sq[:, -1]
-    if safe.all():
-        return indices[:, :n_neighbors], distances[:, :n_neighbors]
-
-    # Ties or duplicates: scanpy's own call, whose tie order is then part of the answer.
-    nn = NearestNeighbors(n_neighbors=n_query, algorithm="brute").fit(embed)
-    distances, indices = nn.kneighbors(embed)
-    distances[indices == np.arange(n_obs)[:, None]] = 0  # scanpy zeroes the diagonal
-    return indices[:, :n_neighbors], distances[:, :n_neighbors]
+    k = _effective_k(np.shape(embed)[0], n_neighbors)
+    indices, distances, _ = _full_search(embed, k)
+    return indices[:, :k], distances[:, :k]
 
 
 def _umap_zero_edges(distances):
@@ -177,7 +258,7 @@ def _zero_weights_row(gi, rho_i, d_i, mean_all, target):
     return (gi > 0) & (w == 0)
 
 
-def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS):
+def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS, search=None):
     """The edge pattern of scanpy's UMAP connectivity matrix for ``embed``.
 
     Parameters
@@ -186,6 +267,8 @@ def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS):
         Cell embedding.
     n_neighbors : int
         kNN size, the cell itself included.
+    search : NeighbourSearch, optional
+        A stateful search (skips unchanged neighbourhoods); default: a full search.
 
     Returns
     -------
@@ -193,7 +276,7 @@ def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS):
         Symmetric, sorted indices, no diagonal: ``A_ij`` is set when j is among i's
         neighbours with a non-zero UMAP weight, or i among j's.
     """
-    indices, distances = knn(embed, n_neighbors)
+    indices, distances = search(embed) if search is not None else knn(embed, n_neighbors)
     n_obs, k = indices.shape
     keep = indices != np.arange(n_obs)[:, None]  # umap drops the self edge wherever it sits
     keep &= ~_umap_zero_edges(distances)
@@ -268,10 +351,12 @@ def louvain_partition(pattern, resolution=RESOLUTION, seed=0):
 
 
 class PartitionCache:
-    """Louvain partitions keyed by (graph pattern, resolution, seed); least recently used out.
+    """What scoring reuses between calls: Louvain partitions and the last neighbour search.
 
-    The key is a 128-bit BLAKE2 digest of the pattern's CSR arrays: equal patterns give equal
-    partitions, and a collision is beyond any practical chance.
+    Partitions are keyed by (graph pattern, resolution, seed), least recently used out; the
+    key is a 128-bit BLAKE2 digest of the pattern's CSR arrays: equal patterns give equal
+    partitions, and a collision is beyond any practical chance. ``searches`` holds one
+    `NeighbourSearch` per neighbour count.
     """
 
     def __init__(self, maxsize=64):
@@ -279,6 +364,21 @@ class PartitionCache:
         self.hits = 0
         self.misses = 0
         self._store = OrderedDict()
+        self._searches = {}
+
+    def search(self, n_neighbors):
+        """The `NeighbourSearch` for ``n_neighbors`` (made on first use)."""
+        if n_neighbors not in self._searches:
+            self._searches[n_neighbors] = NeighbourSearch(n_neighbors)
+        return self._searches[n_neighbors]
+
+    def stats(self):
+        """Counts: scorings, Louvain runs, and kNN searches skipped as unchanged."""
+        return {
+            "scored": self.hits + self.misses,
+            "louvain_runs": self.misses,
+            "knn_searches_skipped": sum(s.skipped for s in self._searches.values()),
+        }
 
     @staticmethod
     def key(pattern, resolution, seed):
@@ -329,9 +429,9 @@ def louvain_labels(embed, seed=0, n_neighbors=N_NEIGHBORS, resolution=RESOLUTION
         raise ValueError(f"the embedding must be a cells x dimensions matrix, got shape {embed.shape}")
     if not np.isfinite(embed).all():
         raise FloatingPointError("the embedding contains NaN or infinite values; it cannot be clustered")
-    pattern = knn_graph_pattern(embed, n_neighbors)
     if cache is None:
-        return louvain_partition(pattern, resolution, seed)
+        return louvain_partition(knn_graph_pattern(embed, n_neighbors), resolution, seed)
+    pattern = knn_graph_pattern(embed, n_neighbors, search=cache.search(n_neighbors))
     return cache.partition(pattern, resolution, seed)
 
 
@@ -360,6 +460,9 @@ def louvain_ari(embed, true_labels, seed=0, cache=_CACHE):
 # ---------------------------------------------------------------------------------------------
 
 
+_STATS = "__stats__"  # a worker's last message: its cache counts
+
+
 def _worker(tasks, results, true_labels, seed):
     """Score embeddings from ``tasks`` until a None arrives; one cache per worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -370,6 +473,7 @@ def _worker(tasks, results, true_labels, seed):
     while True:
         task = tasks.get()
         if task is None:
+            results.put((_STATS, cache.stats(), None))
             return
         tag, embed = task
         try:
@@ -403,6 +507,8 @@ class ARIScorer:
         self._done = {}
         self._pending = set()
         self._procs = []
+        self._cache = PartitionCache()  # scoring in this process (n_workers=0)
+        self._stats = []
         if self.n_workers > 0:
             # fork (Linux) starts a worker in milliseconds; spawn, elsewhere, re-imports the
             # main script. Create the scorer before training starts any torch thread pool.
@@ -422,7 +528,7 @@ class ARIScorer:
         """Queue the ARI of ``embed`` (N x K) under the hashable ``tag``."""
         embed = np.array(embed, copy=True)  # the caller keeps updating its array in place
         if self.n_workers == 0:
-            self._store(tag, louvain_ari(embed, self.true_labels, seed=self.seed), None)
+            self._store(tag, louvain_ari(embed, self.true_labels, seed=self.seed, cache=self._cache), None)
             return
         self._pending.add(tag)
         self._tasks.put((tag, embed))
@@ -458,14 +564,31 @@ class ARIScorer:
         return np.array([self._done.pop(t) for t in tags])
 
     def _store(self, tag, ari, error):
+        if tag == _STATS:
+            self._stats.append(ari)
+            return
         self._pending.discard(tag)
         if error is not None:
             raise RuntimeError(f"scoring {tag} failed in a worker: {error}")
         self._done[tag] = ari
         self.latest = ari
 
-    def close(self):
-        """Stop the workers (at once: unfinished scorings are dropped)."""
+    def stats(self):
+        """Counts summed over workers (after `close`): scored, Louvain runs, kNN searches skipped."""
+        parts = self._stats if self.n_workers else [self._cache.stats()]
+        return {key: sum(p[key] for p in parts) for key in ("scored", "louvain_runs", "knn_searches_skipped")}
+
+    def close(self, wait=True):
+        """Stop the workers; with ``wait``, let them report their counts first (5 s at most)."""
+        if wait and self._procs:
+            for _ in self._procs:
+                self._tasks.put(None)
+            deadline = time.monotonic() + 5.0
+            while len(self._stats) < len(self._procs) and time.monotonic() < deadline:
+                try:
+                    self._store(*self._results.get(timeout=0.5))
+                except queue.Empty:
+                    pass
         for proc in self._procs:
             if proc.is_alive():
                 proc.terminate()
@@ -476,13 +599,24 @@ class ARIScorer:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(wait=exc_type is None)  # on an error or Ctrl-C: stop at once
 
 
-def default_workers():
-    """Worker processes for scoring: one per CPU this process may use."""
+def available_cores():
+    """CPU cores this process may use."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def split_cores(cores=None):
+    """Default (scoring workers, training threads) for a machine with ``cores`` cores.
+
+    Scoring (kNN + Louvain for every iteration) is about two thirds of the CPU work and
+    single-threaded per embedding, so every core gets a worker, and training keeps a quarter
+    of the cores (at least one thread). Idle workers block on their queue and cost nothing.
+    """
+    cores = available_cores() if cores is None else cores
+    return cores, max(1, cores // 4)

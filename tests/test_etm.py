@@ -120,3 +120,32 @@ def test_fixed_embeddings_and_bad_arguments():
         ETM(4, 30, 16, 8, "tanh", embeddings=None, train_embeddings=False)
     with pytest.raises(ValueError, match="unknown theta_act"):
         ETM(4, 30, 16, 8, "sigmoid-ish")
+
+
+def test_dropout_keeps_half_and_rescales():
+    from etm import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.5)
+    x = torch.ones(400, 256)
+    y = drop(x)
+    assert set(torch.unique(y).tolist()) == {0.0, 2.0}
+    assert abs((y > 0).float().mean().item() - 0.5) < 0.01
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_fused_adam_matches_the_reference_update(tensors):
+    """The assignment's optimizer is Adam(lr=1e-3, weight_decay=1.2e-6); fused is the same math."""
+    adata, counts, normalized = tensors
+    models = [make_model(adata.n_vars, seed=3) for _ in range(2)]
+    for m in models:
+        m.t_drop.p = 0.0  # no dropout noise: both runs see the same batch
+        m.reparameterize = lambda mu, logvar: mu
+    reference = torch.optim.Adam(models[1].parameters(), lr=1e-3, weight_decay=1.2e-6, foreach=False)
+    models[1].optimizer = reference
+    for _ in range(5):
+        a4.train_scETM_helper(models[0], counts, normalized)
+        a4.train_scETM_helper(models[1], counts, normalized)
+    for p_fused, p_ref in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p_fused, p_ref, rtol=1e-5, atol=1e-6)

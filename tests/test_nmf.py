@@ -114,3 +114,12 @@ def test_non_finite_objective_stops_with_the_stage_and_iteration(problem):
     X[0, 0] = np.inf
     with pytest.raises(FloatingPointError, match=r"NMF-SSE: the objective became .* at iteration 0"):
         a4.nmf_sse(X, W0, H0, adata, niter=2, scorer=NoScore())
+
+
+def test_eval_every_scores_every_kth_and_the_last_iteration(problem):
+    adata, X, W0, H0 = problem
+    _, H, perf = a4.nmf_sse(X, W0, H0, adata, niter=10, eval_every=4)
+    np.testing.assert_array_equal(perf[:, 0], [3, 7, 9])
+    _, _, full = a4.nmf_sse(X, W0, H0, adata, niter=10, scorer=NoScore())
+    np.testing.assert_allclose(perf[:, 1], full[[3, 7, 9], 1])
+    assert perf[-1, 2] == pytest.approx(a4.evaluate_ari(H.T, adata))
