@@ -345,7 +345,8 @@ def get_theta(model, input_x):
         return theta
 
 
-def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=None, eval_every=1):
+def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=None, eval_every=1,
+                batch_size=None):
     """Train the ETM for ``niter`` full-batch steps, scoring theta after every step.
 
     Parameters
@@ -363,6 +364,10 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
         Scores theta every step; default: `evaluate_ari` at once, in this process.
     eval_every : int
         Score the ARI every this many steps (and at the last); 1: every step.
+    batch_size : int, optional
+        None (the assignment): every iteration is one step on all cells. Otherwise every
+        iteration is one epoch: a step on each of the shuffled minibatches of this many cells
+        (for data sets too large for full-batch steps); the NELBO is then the epoch's mean.
 
     Returns
     -------
@@ -371,11 +376,22 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
         One row per scored step: iteration, negative ELBO, ARI of theta.
     """
     perf = PerfRecorder("scETM", "nelbo", niter, adata, scorer, eval_every=eval_every)
+    n_cells = X_tensor_normalized.shape[0]
     for i in perf:
-        nelbo = train_scETM_helper(model, X_tensor, X_tensor_normalized)
+        if batch_size is None or batch_size >= n_cells:
+            nelbo = train_scETM_helper(model, X_tensor, X_tensor_normalized)
+        else:
+            batches = torch.randperm(n_cells).split(batch_size)
+            nelbo = float(np.mean([train_scETM_helper(model, _rows(X_tensor, b), X_tensor_normalized[b])
+                                   for b in batches]))
         theta = get_theta(model, X_tensor_normalized)  # (N, K)
         perf.record(i, nelbo, theta.cpu().numpy())
     return model, perf.table()
+
+
+def _rows(counts, index):
+    """Rows ``index`` of a dense count tensor or of `CSRCounts`."""
+    return counts.rows(index) if isinstance(counts, CSRCounts) else counts[index]
 
 
 def normalized_counts(adata, device="cpu"):
@@ -576,6 +592,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=_positive_int, default=1,
                         help="score the ARI every this many iterations (and at the last); the perf "
                              "tables then hold the scored iterations only (for large data)")
+    parser.add_argument("--etm-batch-size", type=_positive_int, default=None,
+                        help="train the ETM on minibatches of this many cells, one epoch per "
+                             "iteration (default: all cells at once, as the assignment does)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 5 NMF, 20 ETM and 20 long NMF-Poisson iterations")
     parser.add_argument("--device", default="auto",
@@ -686,7 +705,7 @@ def run(args, progress):
                     embeddings=None, train_embeddings=True, enc_drop=0.5).to(args.device)
         model.set_encoder_bf16(args.bf16)
         model, perf_etm = train_scETM(model, X_tensor, X_tensor_normalized, adata, args.niter_etm, scorer,
-                                      eval_every=every)
+                                      eval_every=every, batch_size=args.etm_batch_size)
         progress.stage("etm", time.perf_counter() - t0)
         write_csv(perf_frame(perf_etm, "nelbo"), fig_dir / "perf_scETM.csv")
         monitor_perf(perf_etm, "NELBO", fig_dir / "scETM_train.eps")
@@ -703,6 +722,9 @@ def run(args, progress):
                                                 eval_every=every)
         progress.stage("nmf_psn_1000", time.perf_counter() - t0)
     progress.summary["ari_scoring"] = dict(scorer.stats(), workers=args.jobs, training_threads=args.threads)
+    # the workers are done: the figures (t-SNE's OpenMP gradient above all) get every core
+    torch.set_num_threads(available_cores())
+    threadpool_limits(available_cores())
     write_csv(perf_frame(perf_long, "poisson_loglik"), fig_dir / "perf_nmf_psn_1000.csv")
     monitor_perf(perf_long, "Poisson log-likelihood", fig_dir / "nmf_psn_1000.eps")
     plot_ari_curves({"NMF-Poisson": perf_long, "scETM": perf_etm}, fig_dir / "nmf_psn_vs_scETM.eps")

@@ -594,6 +594,10 @@ class ARIScorer:
                 proc.terminate()
         for proc in self._procs:
             proc.join(timeout=5)
+        if self._procs:
+            # Embeddings still buffered for the stopped workers must not hold up the exit: the
+            # queue's feeder thread would block on the full pipe and the interpreter wait on it.
+            self._tasks.cancel_join_thread()
         self._procs = []
 
     def __enter__(self):
@@ -601,6 +605,21 @@ class ARIScorer:
 
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)  # on an error or Ctrl-C: stop at once
+
+
+class NoScorer:
+    """A scorer that scores nothing: for timing or testing the training alone.
+
+    ``collect`` returns zeros; the perf tables it yields have no ARI.
+    """
+
+    latest = float("nan")
+
+    def submit(self, tag, embed):
+        pass
+
+    def collect(self, tags):
+        return np.zeros(len(list(tags)))
 
 
 def available_cores():

@@ -30,6 +30,8 @@ class CSRCounts:
         csr = sp.csr_matrix(matrix)
         csr.sum_duplicates()
         csr.sort_indices()
+        self.scipy = csr
+        self.dtype, self.device = dtype, device
         csc = csr.tocsc()  # same entries, column-major: the transposed CSR's pattern
         # position in csr.data of every entry of csc.data
         order = sp.csr_matrix(
@@ -43,6 +45,10 @@ class CSRCounts:
         self.t_perm = as_long(order.data)
         self.values = torch.as_tensor(csr.data, dtype=dtype, device=device)
         self.pattern = torch.sparse_csr_tensor(self.crow, self.col, self.values, size=self.shape)
+
+    def rows(self, index):
+        """The counts of the cells ``index`` (a minibatch), as a new `CSRCounts`."""
+        return CSRCounts(self.scipy[np.asarray(index)], dtype=self.dtype, device=self.device)
 
     def csr(self, values):
         """A torch CSR tensor (N, M) with this pattern and ``values`` (nnz,)."""

@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 import comp565_A4 as a4  # noqa: E402
 from a4 import clustering  # noqa: E402
-from a4.clustering import available_cores  # noqa: E402
+from a4.clustering import NoScorer, available_cores  # noqa: E402
 from bench import reference  # noqa: E402
 
 COUNTS = {"nmf_sse": 100, "nmf_psn": 1000, "etm": 1000, "ari": 2200}  # the default run's work
@@ -75,7 +75,7 @@ def bench_nmf(adata, repeat):
     def ours(fn):
         # whole runs of `repeat` iterations (per-call setup included), per iteration
         def run():
-            fn(X_sparse, W0, H0, adata, niter=repeat, scorer=_NoScore())
+            fn(X_sparse, W0, H0, adata, niter=repeat, scorer=NoScorer())
         return median_ms(run, 3) / repeat
 
     def sklearn(beta_loss, data):
@@ -131,7 +131,7 @@ def bench_ari(adata, repeat):
     W, H = rng.random((adata.n_vars, 16)), rng.random((16, adata.n_obs))
     embeds = []
     for _ in range(repeat + 1):  # distinct embeddings, as training produces them
-        W, H, _ = a4.nmf_psn(X, W, H, adata, niter=3, scorer=_NoScore())
+        W, H, _ = a4.nmf_psn(X, W, H, adata, niter=3, scorer=NoScorer())
         embeds.append(H.T.copy())
     ref_adata = reference.anndata_for(adata)
     truth = adata.obs["Celltype"].to_numpy()
@@ -184,16 +184,6 @@ def full_run(data_dir, extra=()):
         cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
         summary = json.loads((Path(out) / "summary.json").read_text())
     return {"wall_s": wall, "cpu_s": cpu, "summary": summary, "command": " ".join(cmd[1:])}
-
-
-class _NoScore:
-    latest = float("nan")
-
-    def submit(self, tag, embed):
-        pass
-
-    def collect(self, tags):
-        return np.zeros(len(list(tags)))
 
 
 def print_table(rows, whole):

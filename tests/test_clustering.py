@@ -134,7 +134,7 @@ def test_real_data_partitions_equal_scanpy(real_adata):
     rng = np.random.default_rng(0)
     M, N = real_adata.n_vars, real_adata.n_obs
     _, H, _ = a4.nmf_psn(real_adata.X.T, rng.random((M, 16)), rng.random((16, N)), real_adata, niter=15,
-                         scorer=_NoScore())
+                         scorer=clustering.NoScorer())
     torch.manual_seed(0)
     model = ETM(16, M, 256, 256, "relu")
     counts, normalized = a4.normalized_counts(real_adata)
@@ -155,16 +155,6 @@ def test_real_data_partitions_equal_scanpy(real_adata):
         np.testing.assert_array_equal(ours, ref, err_msg=name)
         assert a4.evaluate_ari(embed, real_adata) == pytest.approx(
             clustering.adjusted_rand_score(truth, ref)), name
-
-
-class _NoScore:
-    latest = float("nan")
-
-    def submit(self, tag, embed):
-        pass
-
-    def collect(self, tags):
-        return np.zeros(len(list(tags)))
 
 
 def test_neighbour_search_skips_only_when_provably_unchanged():

@@ -149,3 +149,20 @@ def test_fused_adam_matches_the_reference_update(tensors):
         a4.train_scETM_helper(models[1], counts, normalized)
     for p_fused, p_ref in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p_fused, p_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_minibatch_epochs_train_and_match_full_batch_when_one_batch(tensors):
+    adata, counts, normalized = tensors
+    torch.manual_seed(0)
+    model, perf = a4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=6, batch_size=32)
+    assert perf.shape == (6, 3) and np.isfinite(perf).all()
+    assert perf[-1, 1] < perf[0, 1]
+    sub = counts.rows([0, 5, 7])
+    np.testing.assert_array_equal(sub.dense().numpy(), adata.X[[0, 5, 7]].toarray())
+    # a batch as large as the data is the full-batch step
+    runs = []
+    for bs in (None, adata.n_obs):
+        torch.manual_seed(1)
+        runs.append(a4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=3,
+                                   batch_size=bs)[1])
+    np.testing.assert_array_equal(runs[0], runs[1])
