@@ -478,10 +478,10 @@ def plot_cells_topics(theta, cell_types, path):
     frame = pd.DataFrame(theta, columns=[f"topic {k}" for k in range(theta.shape[1])])
     grid = sns.clustermap(frame, cmap="Reds", row_colors=cell_types.map(palette).to_numpy(),
                           yticklabels=False, figsize=(8, 9), cbar_kws={"label": "theta"})
-    grid.ax_heatmap.set_ylabel("cells")
-    grid.ax_heatmap.legend(handles=[Patch(facecolor=palette[n], label=n) for n in names],
-                           title="cell type", bbox_to_anchor=(1.25, 1.0), loc="upper left",
-                           frameon=False)
+    grid.ax_heatmap.set_ylabel("")
+    grid.ax_col_dendrogram.set_title(f"scETM theta: {frame.shape[0]} cells x {frame.shape[1]} topics")
+    grid.figure.legend(handles=[Patch(facecolor=palette[n], label=n) for n in names],
+                       title="cell type", loc="center left", bbox_to_anchor=(0.98, 0.5), frameon=False)
     save_figure(grid.figure, path)
 
 
