@@ -3,9 +3,12 @@ exit, no traceback, nothing half-written; and what a stopped run leaves behind."
 
 import functools
 import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -245,3 +248,60 @@ def test_script_bad_iteration_count_end_to_end(tmp_path):
     proc = _script("--niter-etm", "0", "--figures-dir", tmp_path / "figures")
     assert proc.returncode == 2 and proc.stdout == ""
     one_line(proc.stderr, "comp565_A4.py: error: argument --niter-etm: must be at least 1, got 0 (see --help)")
+
+
+BACKLOG = """
+import numpy as np
+from a4.clustering import ARIScorer
+labels = np.repeat(np.arange(8), 236)
+rng = np.random.default_rng(0)
+try:
+    with ARIScorer(labels, n_workers=2) as scorer:
+        for i in range(40):  # 10 MB of embeddings waiting for the workers: more than a pipe holds
+            scorer.submit(i, rng.random((labels.size, 16)))
+        raise KeyboardInterrupt
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_with_scorings_still_queued_exits_promptly():
+    proc = subprocess.run([sys.executable, "-c", BACKLOG], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "interrupted", proc.stderr
+
+
+def _drain(stream, into):
+    while chunk := stream.read1(4096):
+        into.extend(chunk)
+
+
+def test_script_ctrl_c_during_the_etm_end_to_end(course_dir, tmp_path):
+    figures = tmp_path / "figures"
+    proc = subprocess.Popen(
+        [sys.executable, "comp565_A4.py", "--data-dir", str(course_dir), "--figures-dir", str(figures),
+         "--niter-nmf", "3", "--niter-etm", "100000", "--jobs", "2", "--device", "cpu"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    err = bytearray()
+    reader = threading.Thread(target=_drain, args=(proc.stderr, err), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while b"nelbo=" not in err and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b"nelbo=" in err, err.decode()  # the ETM is training
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        started = time.monotonic()
+        code = proc.wait(timeout=60)
+        assert time.monotonic() - started < 20, "Ctrl-C took too long"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    assert code == 130
+    one_line(err.decode(), "interrupted; finished stages: nmf_sse, nmf_psn (their files are complete)")
+    summary = json.loads((figures / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["stages_finished"] == ["nmf_sse", "nmf_psn"]
+    assert no_temp_files(figures)
