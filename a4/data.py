@@ -40,6 +40,10 @@ class DataError(Exception):
     """The data folder is missing or wrong; the message names the file and the fix."""
 
 
+class DataWarning(UserWarning):
+    """Something in the data folder was fixed on the way in (cells or genes without counts dropped)."""
+
+
 # What a pickled DataFrame (any pandas >= 1.0), a pickled Index and a tuple of strings need:
 # data containers and their rebuild helpers, nothing that can call arbitrary code.
 _SAFE_GLOBALS = frozenset({
@@ -260,6 +264,7 @@ def _drop_empty(adata, path):
         warnings.warn(
             f"{path}: dropping {n_cells} cell(s) and {n_genes} gene(s) with zero total counts "
             f"(of {adata.n_obs} cells and {adata.n_vars} genes)",
+            DataWarning,
             stacklevel=3,
         )
         adata = adata[cell_tot > 0, gene_tot > 0].copy()

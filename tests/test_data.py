@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from a4.data import DataError, load_course_data, safe_load_pickle
+from a4.data import DataError, DataWarning, load_course_data, safe_load_pickle
 from course_fixtures import BROKEN_FOLDERS, course_parts, unsafe_pickle, write_course_folder
 
 
@@ -92,7 +92,7 @@ def test_cells_and_genes_without_counts_are_dropped_with_a_warning(tmp_path):
     df.loc[df["Unnamed: 0"] == empty_cell, genes] = 0
     df[genes[5]] = 0
     folder = write_course_folder(tmp_path / "data", parts)
-    with pytest.warns(UserWarning, match=r"MP\.pickle: dropping 1 cell\(s\) and 1 gene\(s\) with zero total "
+    with pytest.warns(DataWarning, match=r"MP\.pickle: dropping 1 cell\(s\) and 1 gene\(s\) with zero total "
                                          r"counts \(of 36 cells and 24 genes\)"):
         adata = load_course_data(folder)
     assert adata.shape == (35, 23)
