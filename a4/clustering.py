@@ -470,8 +470,14 @@ def _worker(tasks, results, true_labels, seed):
 
     threadpool_limits(1)  # one core per worker: the workers and training share the machine
     cache = PartitionCache()
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the parent was killed without closing us
+                return
+            continue
         if task is None:
             results.put((_STATS, cache.stats(), None))
             return
