@@ -609,9 +609,10 @@ def parse_args(argv=None):
                         help="first build the data folder (--data-dir) from GEO GSE84133: SOURCE is "
                              "'geo' (the default, over the network), another base URL, or a local "
                              "folder holding the two GSM2230761/GSM2230762 count CSVs")
-    parser.add_argument("--bf16", action="store_true",
-                        help="run the ETM encoder's first layer in bfloat16 (faster on recent CPUs "
-                             "and GPUs; the rest stays float32)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the ETM encoder's first layer (the one large matrix product) in "
+                             "bfloat16 or float32; auto: bf16 where the hardware computes it "
+                             "natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32")
     args = parser.parse_args(argv)
     if args.quick:
         args.niter_nmf, args.niter_etm, args.niter_long = 5, 20, 20
@@ -619,6 +620,8 @@ def parse_args(argv=None):
         args.device = resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.precision == "auto":
+        args.precision = "bf16" if native_bf16(args.device) else "fp32"
     default_jobs, default_threads = split_cores()
     if args.jobs is None:
         args.jobs = default_jobs
@@ -643,6 +646,19 @@ def resolve_device(name):
                              "GPU(s)); use cuda:0")
         return torch.device(name)
     raise ValueError(f"argument --device: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+def native_bf16(device):
+    """Whether ``device`` multiplies bfloat16 matrices in hardware (else bf16 is emulated, slow)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no way to tell cheaply, stay exact
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
 
 
 def seed_everything(seed):
@@ -705,7 +721,7 @@ def run(args, progress):
         X_tensor, X_tensor_normalized = normalized_counts(adata, args.device)
         model = ETM(num_topics=K, vocab_size=M, t_hidden_size=256, rho_size=256, theta_act="relu",
                     embeddings=None, train_embeddings=True, enc_drop=0.5).to(args.device)
-        model.set_encoder_bf16(args.bf16)
+        model.set_encoder_bf16(args.precision == "bf16")
         model, perf_etm = train_scETM(model, X_tensor, X_tensor_normalized, adata, args.niter_etm, scorer,
                                       eval_every=every, batch_size=args.etm_batch_size)
         seconds = time.perf_counter() - t0
@@ -773,7 +789,7 @@ class Progress:
                            "etm": args.niter_etm, "nmf_psn_1000": args.niter_long},
             "eval_every": args.eval_every,
             "device": str(args.device),
-            "bf16": args.bf16,
+            "precision": args.precision,
             "stages_finished": [],
             "wall_seconds": {},
         }

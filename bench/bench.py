@@ -214,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=os.environ.get("COMP565_DATA_DIR", str(ROOT / "data")))
     parser.add_argument("--repeat", type=int, default=10, help="timed iterations per stage")
     parser.add_argument("--no-full-run", action="store_true", help="skip the end-to-end run of comp565_A4.py")
-    parser.add_argument("--full-run-args", default="", help="extra flags for the end-to-end run, e.g. '--bf16'")
+    parser.add_argument("--full-run-args", default="", help="extra flags for the end-to-end run, e.g. '--precision fp32'")
     parser.add_argument("--scaling", action="store_true", help="also time 2k-100k cells (bench/scaling.py)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)

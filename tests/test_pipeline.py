@@ -89,3 +89,13 @@ def test_missing_data_folder_is_one_clear_error_and_writes_nothing(tmp_path, cap
     assert code == 2
     assert len(err.splitlines()) == 1 and "nowhere" in err and "--data-dir" in err
     assert not out.exists()
+
+
+def test_precision_auto_resolves_to_what_the_hardware_has():
+    import torch
+
+    cpu = torch.device("cpu")
+    args = a4.parse_args(["--precision", "auto", "--device", "cpu"])
+    assert args.precision == ("bf16" if a4.native_bf16(cpu) else "fp32")
+    assert a4.parse_args(["--precision", "fp32"]).precision == "fp32"
+    assert a4.parse_args(["--precision", "bf16"]).precision == "bf16"
