@@ -72,100 +72,14 @@ def _rounding_tolerance(embed64):
     return 4 * embed64.shape[1] * np.finfo(np.float64).eps * (sq_norm + sq_norm.max())
 
 
-def _full_search(embed, n_neighbors):
-    """All ``n_neighbors + 1`` nearest neighbours; exact, in scanpy's sense.
-
-    Returns
-    -------
-    indices, distances : ndarray, shape (N, n_neighbors + 1)
-        Sorted by distance, the cell itself included.
-    unambiguous : bool
-        True when the KD-tree's sets are provably scikit-learn's (no ties or duplicates).
-    """
-    n_obs = embed.shape[0]
-    n_query = min(n_neighbors + 1, n_obs)
-    # A KD-tree finds the same neighbour *sets* as scikit-learn's brute force wherever they
-    # are unambiguous: a row is safe when its nearest other cell and its boundary (neighbour
-    # n_neighbors vs n_neighbors + 1) are farther apart than scikit-learn's rounding error.
-    embed64 = np.asarray(embed, dtype=np.float64)
-    distances, indices = cKDTree(embed64).query(embed64, k=n_query)
-    distances = distances.reshape(n_obs, n_query)
-    indices = indices.reshape(n_obs, n_query)
-    tol = _rounding_tolerance(embed64)
-    d_sq = distances**2
-    safe = indices[:, 0] == np.arange(n_obs)
-    if n_query > 1:
-        safe &= d_sq[:, 1] > 2 * tol  # no duplicate or near-duplicate cell
-    if n_query > n_neighbors:
-        safe &= d_sq[:, n_neighbors] - d_sq[:, n_neighbors - 1] > 2 * tol + 1e-12 * d_sq[:, -1]
-    if safe.all():
-        return indices, distances, True
-
-    # Ties or duplicates: scanpy's own call, whose tie order is then part of the answer.
-    nn = NearestNeighbors(n_neighbors=n_query, algorithm="brute").fit(embed)
-    distances, indices = nn.kneighbors(embed)
-    distances[indices == np.arange(n_obs)[:, None]] = 0  # scanpy zeroes the diagonal
-    return indices, distances, False
-
-
-class NeighbourSearch:
-    """Exact kNN that skips the search when no neighbourhood can have changed.
-
-    It keeps the last full search as an anchor. For a new embedding, every distance moved by
-    at most ``delta_i + delta_max`` (``delta``: how far each cell moved since the anchor), so
-    if each cell's gap between neighbour ``k`` and ``k + 1`` exceeds twice that (plus the
-    rounding margin of `_full_search`), every neighbour set is the anchor's: only the
-    distances to those neighbours are recomputed. Late NMF iterations mostly take this path.
-
-    Parameters
-    ----------
-    n_neighbors : int
-        Neighbours per cell, the cell itself included.
-    """
-
-    def __init__(self, n_neighbors=N_NEIGHBORS):
-        self.n_neighbors = n_neighbors
-        self.full = 0
-        self.skipped = 0
-        self._anchor = None
-
-    def __call__(self, embed):
-        """Neighbour ids and distances, each shape (N, k), nearest first, self included."""
-        embed64 = np.asarray(embed, dtype=np.float64)
-        k = _effective_k(embed64.shape[0], self.n_neighbors)
-        reused = self._reuse(embed64, k)
-        if reused is not None:
-            self.skipped += 1
-            return reused
-        self.full += 1
-        indices, distances, unambiguous = _full_search(embed, k)
-        has_boundary = indices.shape[1] > k
-        self._anchor = (embed64.copy(), indices, distances) if unambiguous and has_boundary else None
-        return indices[:, :k], distances[:, :k]
-
-    def _reuse(self, embed64, k):
-        if self._anchor is None or self._anchor[0].shape != embed64.shape:
-            return None
-        anchor, indices, distances = self._anchor
-        delta = np.sqrt(((embed64 - anchor) ** 2).sum(axis=1))  # (N,) displacement
-        shift = delta + delta.max()  # bound on any distance change from cell i
-        tol = _rounding_tolerance(embed64)
-        inner_hi = distances[:, k - 1] + shift  # new k-th distance is at most this
-        outer_lo = distances[:, k] - shift  # new (k+1)-th distance is at least this
-        nearest_lo = distances[:, 1] - shift
-        ok = (outer_lo > inner_hi) & (nearest_lo > 0)
-        ok &= (outer_lo**2 - inner_hi**2 > 2 * tol + 1e-12 * (distances[:, k] + shift) ** 2)
-        ok &= nearest_lo**2 > 2 * tol
-        if not ok.all():
-            return None
-        ids = indices[:, :k]
-        new_d = np.sqrt(((embed64[ids] - embed64[:, None, :]) ** 2).sum(axis=2))  # (N, k)
-        order = np.argsort(new_d, axis=1, kind="stable")
-        return np.take_along_axis(ids, order, axis=1), np.take_along_axis(new_d, order, axis=1)
-
-
 def knn(embed, n_neighbors=N_NEIGHBORS):
     """Exact nearest neighbours, as scanpy's brute-force path finds them.
+
+    A KD-tree finds the same neighbour *sets* as scikit-learn's brute force wherever they
+    are unambiguous: a cell is safe when its nearest other cell, and its boundary (neighbour
+    ``n_neighbors`` vs ``n_neighbors + 1``), are farther apart than scikit-learn's rounding
+    error. If any cell is not (ties, duplicates), scanpy's own call decides, tie order
+    included.
 
     Parameters
     ----------
@@ -182,8 +96,24 @@ def knn(embed, n_neighbors=N_NEIGHBORS):
     distances : ndarray, shape (N, k)
         Euclidean distances, same layout.
     """
-    k = _effective_k(np.shape(embed)[0], n_neighbors)
-    indices, distances, _ = _full_search(embed, k)
+    n_obs = np.shape(embed)[0]
+    k = _effective_k(n_obs, n_neighbors)
+    n_query = min(k + 1, n_obs)  # scanpy asks for k + 1 and keeps the first k
+    embed64 = np.asarray(embed, dtype=np.float64)
+    distances, indices = cKDTree(embed64, leafsize=32).query(embed64, k=n_query)
+    distances = distances.reshape(n_obs, n_query)
+    indices = indices.reshape(n_obs, n_query)
+    tol = _rounding_tolerance(embed64)
+    d_sq = distances**2
+    safe = indices[:, 0] == np.arange(n_obs)
+    if n_query > 1:
+        safe &= d_sq[:, 1] > 2 * tol  # no duplicate or near-duplicate cell
+    if n_query > k:
+        safe &= d_sq[:, k] - d_sq[:, k - 1] > 2 * tol + 1e-12 * d_sq[:, -1]
+    if not safe.all():
+        nn = NearestNeighbors(n_neighbors=n_query, algorithm="brute").fit(embed)
+        distances, indices = nn.kneighbors(embed)
+        distances[indices == np.arange(n_obs)[:, None]] = 0  # scanpy zeroes the diagonal
     return indices[:, :k], distances[:, :k]
 
 
@@ -258,7 +188,7 @@ def _zero_weights_row(gi, rho_i, d_i, mean_all, target):
     return (gi > 0) & (w == 0)
 
 
-def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS, search=None):
+def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS):
     """The edge pattern of scanpy's UMAP connectivity matrix for ``embed``.
 
     Parameters
@@ -267,8 +197,6 @@ def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS, search=None):
         Cell embedding.
     n_neighbors : int
         kNN size, the cell itself included.
-    search : NeighbourSearch, optional
-        A stateful search (skips unchanged neighbourhoods); default: a full search.
 
     Returns
     -------
@@ -276,7 +204,7 @@ def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS, search=None):
         Symmetric, sorted indices, no diagonal: ``A_ij`` is set when j is among i's
         neighbours with a non-zero UMAP weight, or i among j's.
     """
-    indices, distances = search(embed) if search is not None else knn(embed, n_neighbors)
+    indices, distances = knn(embed, n_neighbors)
     n_obs, k = indices.shape
     keep = indices != np.arange(n_obs)[:, None]  # umap drops the self edge wherever it sits
     keep &= ~_umap_zero_edges(distances)
@@ -351,12 +279,10 @@ def louvain_partition(pattern, resolution=RESOLUTION, seed=0):
 
 
 class PartitionCache:
-    """What scoring reuses between calls: Louvain partitions and the last neighbour search.
+    """Louvain partitions keyed by (graph pattern, resolution, seed); least recently used out.
 
-    Partitions are keyed by (graph pattern, resolution, seed), least recently used out; the
-    key is a 128-bit BLAKE2 digest of the pattern's CSR arrays: equal patterns give equal
-    partitions, and a collision is beyond any practical chance. ``searches`` holds one
-    `NeighbourSearch` per neighbour count.
+    The key is a 128-bit BLAKE2 digest of the pattern's CSR arrays: equal patterns give equal
+    partitions, and a collision is beyond any practical chance.
     """
 
     def __init__(self, maxsize=64):
@@ -364,21 +290,10 @@ class PartitionCache:
         self.hits = 0
         self.misses = 0
         self._store = OrderedDict()
-        self._searches = {}
-
-    def search(self, n_neighbors):
-        """The `NeighbourSearch` for ``n_neighbors`` (made on first use)."""
-        if n_neighbors not in self._searches:
-            self._searches[n_neighbors] = NeighbourSearch(n_neighbors)
-        return self._searches[n_neighbors]
 
     def stats(self):
-        """Counts: scorings, Louvain runs, and kNN searches skipped as unchanged."""
-        return {
-            "scored": self.hits + self.misses,
-            "louvain_runs": self.misses,
-            "knn_searches_skipped": sum(s.skipped for s in self._searches.values()),
-        }
+        """Counts: scorings and Louvain runs (the rest were repeats of a cached pattern)."""
+        return {"scored": self.hits + self.misses, "louvain_runs": self.misses}
 
     @staticmethod
     def key(pattern, resolution, seed):
@@ -431,8 +346,7 @@ def louvain_labels(embed, seed=0, n_neighbors=N_NEIGHBORS, resolution=RESOLUTION
         raise FloatingPointError("the embedding contains NaN or infinite values; it cannot be clustered")
     if cache is None:
         return louvain_partition(knn_graph_pattern(embed, n_neighbors), resolution, seed)
-    pattern = knn_graph_pattern(embed, n_neighbors, search=cache.search(n_neighbors))
-    return cache.partition(pattern, resolution, seed)
+    return cache.partition(knn_graph_pattern(embed, n_neighbors), resolution, seed)
 
 
 def louvain_ari(embed, true_labels, seed=0, cache=_CACHE):
@@ -580,9 +494,9 @@ class ARIScorer:
         self.latest = ari
 
     def stats(self):
-        """Counts summed over workers (after `close`): scored, Louvain runs, kNN searches skipped."""
+        """Counts summed over workers (after `close`): scored, Louvain runs."""
         parts = self._stats if self.n_workers else [self._cache.stats()]
-        return {key: sum(p[key] for p in parts) for key in ("scored", "louvain_runs", "knn_searches_skipped")}
+        return {key: sum(p[key] for p in parts) for key in ("scored", "louvain_runs")}
 
     def close(self, wait=True):
         """Stop the workers; with ``wait``, let them report their counts first (5 s at most)."""

@@ -157,34 +157,16 @@ def test_real_data_partitions_equal_scanpy(real_adata):
             clustering.adjusted_rand_score(truth, ref)), name
 
 
-def test_neighbour_search_skips_only_when_provably_unchanged():
-    embed, _ = blobs(spread=0.5)
-    search = clustering.NeighbourSearch()
-    ids0, d0 = search(embed)
-    rng = np.random.default_rng(3)
-    tiny = embed + 1e-9 * rng.normal(size=embed.shape)  # cannot change any neighbour set
-    ids1, d1 = search(tiny)
-    assert (search.full, search.skipped) == (1, 1)
-    ref_ids, ref_d = clustering.knn(tiny)
-    np.testing.assert_array_equal(np.sort(ids1, 1), np.sort(ref_ids, 1))
-    np.testing.assert_allclose(d1, ref_d, rtol=1e-12, atol=1e-12)
-    moved = embed + 0.3 * rng.normal(size=embed.shape)  # neighbours change: full search
-    ids2, _ = search(moved)
-    assert search.full == 2
-    np.testing.assert_array_equal(np.sort(ids2, 1), np.sort(clustering.knn(moved)[0], 1))
-
-
-def test_cached_scoring_of_a_trajectory_equals_fresh_scoring():
-    """Along an NMF-like trajectory (small steps), the reuse paths give scanpy's partitions."""
+def test_cached_scoring_equals_fresh_scoring():
+    """Repeated and slightly moved embeddings: cache hits only for identical patterns."""
     embed, _ = blobs(spread=0.6, seed=4)
     rng = np.random.default_rng(5)
     cache = clustering.PartitionCache()
-    for step in range(12):
-        embed = embed + (0.05 if step % 4 == 0 else 1e-7) * rng.normal(size=embed.shape)
+    for step in range(8):
+        embed = embed + (0.05 if step % 4 == 0 else 1e-9) * rng.normal(size=embed.shape)
         np.testing.assert_array_equal(clustering.louvain_labels(embed, cache=cache),
                                       clustering.louvain_labels(embed, cache=None))
-    stats = cache.stats()
-    assert stats["scored"] == 12 and stats["knn_searches_skipped"] >= 6 and stats["louvain_runs"] <= 6
+    assert cache.stats() == {"scored": 8, "louvain_runs": 2}
 
 
 def test_scorer_reports_its_counts():
@@ -195,4 +177,4 @@ def test_scorer_reports_its_counts():
             scorer.submit(i, embed)
         scorer.collect(range(3))
         scorer.close()
-        assert scorer.stats() == {"scored": 3, "louvain_runs": 1, "knn_searches_skipped": 2}, workers
+        assert scorer.stats() == {"scored": 3, "louvain_runs": 1}, workers
