@@ -55,6 +55,7 @@ from a4.likelihoods import CSRCounts  # noqa: E402
 from a4.outputs import prepare_dir, save_figure, write_csv, write_h5ad, write_json  # noqa: E402
 from a4.sparse import sampled_product, with_values  # noqa: E402
 from etm import ETM  # noqa: E402
+from models.scetm import DEFAULT_ANNEAL, DEFAULT_KL_WARMUP, DEFAULT_LR, batch_codes, make_scetm  # noqa: E402
 
 K = 16  # topics / NMF rank
 # Guards the multiplicative updates' divisions: W'WH, W'1, H1' and WH are 0 only when a whole
@@ -578,6 +579,16 @@ def _non_negative_int(text):
     return value
 
 
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -622,7 +633,20 @@ def parse_args(argv=None):
                         help="the ETM encoder's first layer (the one large matrix product) in "
                              "bfloat16 or float32; auto: bf16 where the hardware computes it "
                              "natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32")
+    parser.add_argument("--batch-correct", action="store_true",
+                        help="Q4-Q8 with scETM's batch-corrected decoder (models/scetm.py: a gene "
+                             "bias per mouse, logits mixed in topic space) instead of the course ETM")
+    parser.add_argument("--scetm-lr", type=_positive_float, default=DEFAULT_LR,
+                        help="with --batch-correct: Adam learning rate")
+    parser.add_argument("--scetm-anneal", type=_positive_int, default=DEFAULT_ANNEAL,
+                        help="with --batch-correct: cosine-anneal the learning rate to 0 over this "
+                             "many steps (default: constant)")
+    parser.add_argument("--scetm-kl-warmup", type=_non_negative_int, default=DEFAULT_KL_WARMUP,
+                        help="with --batch-correct: steps over which the KL weight rises from 0 to 1")
     args = parser.parse_args(argv)
+    if args.batch_correct and args.etm_batch_size is not None:
+        parser.error("argument --etm-batch-size: the batch-corrected model trains on all cells at "
+                     "once; drop --etm-batch-size or --batch-correct")
     if args.quick:
         args.niter_nmf, args.niter_etm, args.niter_long = 5, 20, 20
     try:
@@ -728,8 +752,13 @@ def run(args, progress):
         # Q4
         t0 = time.perf_counter()
         X_tensor, X_tensor_normalized = normalized_counts(adata, args.device)
-        model = ETM(num_topics=K, vocab_size=M, t_hidden_size=256, rho_size=256, theta_act="relu",
-                    embeddings=None, train_embeddings=True, enc_drop=0.5).to(args.device)
+        if args.batch_correct:  # scETM with a gene bias per mouse (issue 4; README "Results")
+            model = make_scetm(M, batch_codes(adata.obs["batch"]), lr=args.scetm_lr,
+                               anneal_steps=args.scetm_anneal, kl_warmup=args.scetm_kl_warmup)
+            model = model.to(args.device)
+        else:
+            model = ETM(num_topics=K, vocab_size=M, t_hidden_size=256, rho_size=256, theta_act="relu",
+                        embeddings=None, train_embeddings=True, enc_drop=0.5).to(args.device)
         model.set_encoder_bf16(args.precision == "bf16")
         model, perf_etm = train_scETM(model, X_tensor, X_tensor_normalized, adata, args.niter_etm, scorer,
                                       eval_every=every, batch_size=args.etm_batch_size)
@@ -796,6 +825,10 @@ class Progress:
             "eval_every": args.eval_every,
             "device": str(args.device),
             "precision": args.precision,
+            "etm_model": (
+                {"name": "scETM, batch-corrected", "lr": args.scetm_lr, "anneal_steps": args.scetm_anneal,
+                 "kl_warmup": args.scetm_kl_warmup} if args.batch_correct else {"name": "ETM (course)"}
+            ),
             "stages_finished": [],
             "wall_seconds": {},
         }

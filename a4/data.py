@@ -235,24 +235,49 @@ def _check_unique(items, path, what):
         raise DataError(f"{path}: duplicate {what}s ({_few(dup)}); every {what} must appear once")
 
 
+# the ways a table of numbers is not raw UMI counts, checked in this order
+COUNT_CHECKS = (("NaN", np.isnan), ("infinite", np.isinf), ("negative", lambda a: a < 0),
+                ("non-integer", lambda a: a != np.round(a)))
+
+
+def count_problem(counts):
+    """The counts of a cells x genes DataFrame as float64, and the first reason they are not raw counts.
+
+    Parameters
+    ----------
+    counts : pandas.DataFrame, shape (N, M)
+
+    Returns
+    -------
+    values : ndarray of float64, shape (N, M), or None when some columns hold text
+    problem : None, ``("text", columns)``, or ``(kind, n, i, j)``: ``n`` entries fail the check
+        ``kind`` of `COUNT_CHECKS`, the first at row ``i``, column ``j``
+    """
+    text = [c for c, t in counts.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
+    if text:
+        return None, ("text", text)
+    values = counts.to_numpy(dtype=np.float64)
+    for kind, test in COUNT_CHECKS:
+        hit = test(values)
+        if hit.any():
+            i, j = np.argwhere(hit)[0]
+            return values, (kind, int(hit.sum()), i, j)
+    return values, None
+
+
 def _counts_matrix(counts, path):
-    non_numeric = [c for c, t in counts.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
-    if non_numeric:
-        raise DataError(f"{path}: gene column(s) {_few(non_numeric)} are not numeric; the assignment "
+    X, problem = count_problem(counts)
+    if problem is None:
+        return X.astype(np.int64)
+    if problem[0] == "text":
+        raise DataError(f"{path}: gene column(s) {_few(problem[1])} are not numeric; the assignment "
                         "needs raw UMI counts")
-    X = counts.to_numpy(dtype=np.float64)
-    for test, what in ((np.isnan, "NaN"), (np.isinf, "infinite"), (lambda a: a < 0, "negative")):
-        bad = test(X)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise DataError(f"{path}: {int(bad.sum())} {what} count(s), e.g. cell {counts.index[i]!r}, "
-                            f"gene {counts.columns[j]!r}; the assignment needs raw UMI counts")
-    frac = X != np.round(X)
-    if frac.any():
-        i, j = np.argwhere(frac)[0]
-        raise DataError(f"{path}: non-integer count {X[i, j]:g} (cell {counts.index[i]!r}, gene "
-                        f"{counts.columns[j]!r}); the assignment needs raw UMI counts, not normalized data")
-    return X.astype(np.int64)
+    kind, n, i, j = problem
+    where = f"cell {counts.index[i]!r}, gene {counts.columns[j]!r}"
+    if kind == "non-integer":
+        raise DataError(f"{path}: non-integer count {X[i, j]:g} ({where}); the assignment needs raw UMI "
+                        "counts, not normalized data")
+    raise DataError(f"{path}: {n} {kind} count(s), e.g. {where}; the assignment needs raw UMI counts")
 
 
 def _drop_empty(adata, path):

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from a4.data import BATCH_COLUMN, COURSE_FILES, ID_COLUMN, LABEL_COLUMN, DataError, _few
+from a4.data import BATCH_COLUMN, COURSE_FILES, ID_COLUMN, LABEL_COLUMN, DataError, _few, count_problem
 
 # (GEO sample, file name, batch): batch 0 is mouse1, 1 is mouse2, as in the course's files.
 SAMPLES = (
@@ -364,19 +364,16 @@ def _check_cells(frame, path):
 
 def _check_counts(counts, path):
     """The gene columns as int64, refusing anything but whole non-negative numbers."""
-    bad = [c for c, t in counts.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
-    if bad:
-        raise DownloadError(f"{path}: gene column(s) {_few(bad)} hold text, not UMI counts; "
+    values, problem = count_problem(counts)
+    if problem is None:
+        return pd.DataFrame(values.astype(np.int64), columns=counts.columns, index=counts.index)
+    if problem[0] == "text":
+        raise DownloadError(f"{path}: gene column(s) {_few(problem[1])} hold text, not UMI counts; "
                             f"the file is damaged: download it again")
-    values = counts.to_numpy(dtype=np.float64)
-    for test, what in ((np.isnan, "missing (the file is cut short?)"), (np.isinf, "infinite"),
-                       (lambda a: a < 0, "negative"), (lambda a: a != np.round(a), "non-integer")):
-        hit = test(values)
-        if hit.any():
-            i, j = np.argwhere(hit)[0]
-            raise DownloadError(f"{path}: {int(hit.sum())} {what} count(s), e.g. line {i + 2}, gene "
-                                f"{counts.columns[j]!r}; GEO's files hold raw UMI counts: download it again")
-    return pd.DataFrame(values.astype(np.int64), columns=counts.columns, index=counts.index)
+    kind, n, i, j = problem
+    what = "missing (the file is cut short?)" if kind == "NaN" else kind
+    raise DownloadError(f"{path}: {n} {what} count(s), e.g. line {i + 2}, gene "
+                        f"{counts.columns[j]!r}; GEO's files hold raw UMI counts: download it again")
 
 
 # ----------------------------------------------------------------------------- assembling

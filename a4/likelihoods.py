@@ -45,6 +45,7 @@ class CSRCounts:
         self.t_perm = as_long(order.data)
         self.values = torch.as_tensor(csr.data, dtype=dtype, device=device)
         self.pattern = torch.sparse_csr_tensor(self.crow, self.col, self.values, size=self.shape)
+        self._flat = None  # flat_index(), made on first use
 
     def rows(self, index):
         """The counts of the cells ``index`` (a minibatch), as a new `CSRCounts`."""
@@ -67,6 +68,14 @@ class CSRCounts:
     def row_sums(self):
         """Total count of every cell, shape (N,)."""
         return torch.segment_reduce(self.values, "sum", offsets=self.crow)
+
+    def flat_index(self):
+        """Position of every non-zero in the flattened (N, M) matrix, ``i * M + j``, shape (nnz,)."""
+        if self._flat is None:
+            rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device),
+                                           self.crow.diff())
+            self._flat = rows * self.shape[1] + self.col
+        return self._flat
 
 
 class _SparseCategoricalNLL(torch.autograd.Function):
@@ -121,6 +130,37 @@ def categorical_nll(theta, beta, counts):
     return -(torch.log(theta @ beta + LOG_EPS) * counts).sum(1).mean()
 
 
+class _SparseLogitsNLL(torch.autograd.Function):
+    """-(1/N) sum_ij x_ij log softmax(l_i)_j, read only at x != 0.
+
+    With n_i = sum_j x_ij the cell's total, ``-sum_j x_ij log softmax(l_i)_j
+    = n_i logsumexp(l_i) - sum_j x_ij l_ij``: the forward needs one logsumexp per row and
+    the logits at the non-zeros. Its gradient is ``(n_i softmax(l_i)_j - x_ij) / N``: dense
+    from the softmax, minus the counts at the non-zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, counts):
+        lse = torch.logsumexp(logits, dim=1)  # (N,)
+        totals = counts.row_sums()  # (N,)
+        flat = counts.flat_index()  # (nnz,) positions in the flattened (N, M) matrix
+        at_counts = logits.reshape(-1).index_select(0, flat)  # (nnz,)
+        nll = ((totals * lse).sum() - (counts.values * at_counts).sum()) / logits.shape[0]
+        ctx.counts = counts
+        ctx.save_for_backward(logits, lse, totals)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, lse, totals = ctx.saved_tensors
+        counts = ctx.counts
+        scale = grad_out / logits.shape[0]
+        grad = torch.exp(logits - lse[:, None])  # (N, M) softmax
+        grad *= (totals * scale)[:, None]
+        grad.view(-1).index_add_(0, counts.flat_index(), counts.values * -scale)
+        return grad, None
+
+
 def categorical_logits_nll(logits, counts):
     """Mean over cells of -sum_j x_ij log softmax(logits_i)_j.
 
@@ -130,18 +170,15 @@ def categorical_logits_nll(logits, counts):
     ----------
     logits : Tensor, shape (N, M)
     counts : Tensor (N, M) or CSRCounts
+        `CSRCounts` takes the sparse path (`_SparseLogitsNLL`), same value and gradient.
 
     Returns
     -------
     Tensor, scalar
     """
-    log_p = torch.log_softmax(logits, dim=-1)
     if isinstance(counts, CSRCounts):
-        rows = torch.repeat_interleave(
-            torch.arange(counts.shape[0], device=counts.crow.device), counts.crow.diff()
-        )
-        return -(counts.values * log_p[rows, counts.col]).sum() / counts.shape[0]
-    return -(log_p * counts).sum(1).mean()
+        return _SparseLogitsNLL.apply(logits, counts)
+    return -(torch.log_softmax(logits, dim=-1) * counts).sum(1).mean()
 
 
 def gaussian_kl(mu, logvar):

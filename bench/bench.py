@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the timings
+# scanpy imports the louvain package, which warns about its own dependencies when imported
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import numpy as np  # noqa: E402
 import scanpy as sc  # noqa: E402

@@ -101,6 +101,10 @@ ARG_ERRORS = [
     (["--jobs", "two"], "argument --jobs: expected a whole number, got 'two'"),
     (["--device", "tpu"], "argument --device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
     (["--nmf-iters", "5"], "unrecognized arguments: --nmf-iters 5"),
+    (["--batch-correct", "--scetm-lr", "0"], "argument --scetm-lr: must be a positive number, got 0"),
+    (["--batch-correct", "--etm-batch-size", "100"],
+     "argument --etm-batch-size: the batch-corrected model trains on all cells at once; "
+     "drop --etm-batch-size or --batch-correct"),
 ]
 
 

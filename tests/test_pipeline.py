@@ -99,3 +99,26 @@ def test_precision_auto_resolves_to_what_the_hardware_has():
     assert args.precision == ("bf16" if a4.native_bf16(cpu) else "fp32")
     assert a4.parse_args(["--precision", "fp32"]).precision == "fp32"
     assert a4.parse_args(["--precision", "bf16"]).precision == "bf16"
+
+
+def test_batch_corrected_run_writes_the_same_outputs(real_data_dir, tmp_path, quick_run):
+    """--batch-correct swaps the ETM of Q4-Q8 for scETM; every file is still written, and the
+    NMF results are those of the plain run."""
+    _, plain = quick_run
+    out = tmp_path / "figures"
+    code = a4.main(["--data-dir", str(real_data_dir), "--figures-dir", str(out), "--quick", "--jobs", "0",
+                    "--batch-correct"])
+    assert code == 0
+    for name in FIGURES:
+        assert (out / f"{name}.png").stat().st_size > 5000, name
+    perf = pd.read_csv(out / "perf_scETM.csv")
+    assert len(perf) == 20 and np.isfinite(perf.to_numpy(float)).all()
+    assert not perf.equals(pd.read_csv(plain / "perf_scETM.csv"))  # another model
+    pd.testing.assert_frame_equal(pd.read_csv(out / "perf_nmf_psn.csv"), pd.read_csv(plain / "perf_nmf_psn.csv"))
+    adata = anndata.read_h5ad(out / "mp_results.h5ad")
+    assert adata.obsm["X_etm"].shape == (1886, 16)
+    np.testing.assert_allclose(adata.obsm["X_etm"].sum(1), 1, rtol=1e-4)
+    np.testing.assert_allclose(adata.varm["etm_beta"].sum(0), 1, rtol=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["etm_model"]["name"] == "scETM, batch-corrected"
+    assert json.loads((plain / "summary.json").read_text())["etm_model"] == {"name": "ETM (course)"}
