@@ -15,7 +15,8 @@ the embedding against the annotated cell types.
     Q8  top 5 genes of every topic (seaborn.heatmap)
 
 Run ``python comp565_A4.py --help`` for the options; the figures, tables and an AnnData with
-every embedding land in ``figures/``.
+every embedding land in ``figures/``. ``--batch-correct`` answers Q4-Q8 with scETM's
+batch-corrected decoder (``models/scetm.py``) instead of the course ETM.
 """
 
 from __future__ import annotations
