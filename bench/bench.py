@@ -26,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the timings
+if __name__ == "__main__":  # no bars in the timings (tqdm reads this when imported)
+    os.environ.setdefault("TQDM_DISABLE", "1")
 # scanpy imports the louvain package, which warns about its own dependencies when imported
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 

@@ -40,7 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: no bars from the workers
+if __name__ == "__main__":  # no bars from the workers (tqdm reads this when imported; tests import us)
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -192,7 +193,7 @@ def _task(job):
 
 def _options_text(options, niter):
     words = [f"{k}={v}" for k, v in options.items()] + ([] if niter is None else [f"niter={niter}"])
-    return " ".join(words) or "-"
+    return " ".join(words)
 
 
 def summarize(runs, adata):
@@ -202,7 +203,7 @@ def summarize(runs, adata):
     frame["options"] = frame["options"].fillna("")
     for name in [m for m in MODELS if m in set(frame["model"])]:
         for options, sub in frame[frame["model"] == name].groupby("options", sort=False):
-            label = f"{LABELS[name]} ({options})"
+            label = f"{LABELS[name]} ({options})" if options else LABELS[name]
             row = {"model": label, "seeds": len(sub)}
             for col in ("ari", "nmi", "knn_mixing", "asw_batch"):
                 sd = sub[col].std(ddof=1) if len(sub) > 1 else 0.0

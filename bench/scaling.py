@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TQDM_DISABLE", "1")
+if __name__ == "__main__":  # no progress bars (tqdm reads this when imported)
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import anndata  # noqa: E402
 import numpy as np  # noqa: E402

@@ -97,6 +97,7 @@ def test_perf_records_the_ari_of_every_iteration(problem):
     assert perf[-1, 2] > 0.5  # three well separated synthetic types
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN is the point
 def test_non_finite_objective_stops_with_the_stage_and_iteration(problem):
     adata, X, W0, H0 = problem
     X = X.copy()
