@@ -27,20 +27,34 @@ class EncoderLinear(nn.Linear):
 
     The first encoder layer multiplies the N x M normalized counts by an M x H weight:
     in bfloat16 it runs several times faster on CPUs with AVX512-BF16/AMX and on GPUs. The
-    input, which is the same every step, is converted once and kept.
+    input, which is the same every step, is converted once and kept (`prepared`). Subclasses
+    may transform the input first (`transform`); the transformed copy is kept the same way.
     """
 
     bf16 = False
+    transforms_input = False  # True in subclasses whose `transform` is not the identity
+
+    def transform(self, x):
+        """The input as the layer multiplies it, shape (N, M): here ``x`` itself."""
+        return x
+
+    def prepared(self, x):
+        """``transform(x)``, in bfloat16 with ``bf16``, made once per input tensor and version."""
+        if not self.bf16 and not self.transforms_input:
+            return x
+        assert not x.requires_grad, "the encoder input is data; it must not require a gradient"
+        cached = getattr(self, "_prepared", None)
+        if cached is None or cached[0] is not x or cached[1] != x._version or cached[2] != self.bf16:
+            z = self.transform(x.detach())  # (N, M)
+            cached = (x, x._version, self.bf16, z.to(torch.bfloat16) if self.bf16 else z)
+            self._prepared = cached
+        return cached[3]
 
     def forward(self, x):
-        if not self.bf16:
-            return super().forward(x)
-        cached = getattr(self, "_bf16_input", None)
-        if cached is None or cached[0] is not x or cached[1] != x._version:
-            cached = (x, x._version, x.detach().to(torch.bfloat16))
-            self._bf16_input = cached
-        out = F.linear(cached[2], self.weight.to(torch.bfloat16), self.bias.to(torch.bfloat16))
-        return out.float()
+        z = self.prepared(x)  # (N, M)
+        if self.bf16:
+            return F.linear(z, self.weight.to(torch.bfloat16), self.bias.to(torch.bfloat16)).float()
+        return F.linear(z, self.weight, self.bias)  # (N, H)
 
 
 class Dropout(nn.Dropout):
@@ -123,7 +137,7 @@ class ETM(nn.Module):
     def set_encoder_bf16(self, enabled=True):
         """Compute the encoder's first layer in bfloat16 (see `EncoderLinear`)."""
         self.q_theta[0].bf16 = bool(enabled)
-        self.q_theta[0]._bf16_input = None
+        self.q_theta[0]._prepared = None
 
     def reparameterize(self, mu, logvar):
         """z = mu + sigma * eps in training, the mean otherwise. Shapes (N, K)."""

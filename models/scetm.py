@@ -122,7 +122,7 @@ class InputLayer(EncoderLinear):
     """The encoder's first layer: optionally ``log1p(scale * x)``, then ``x W^T + b``.
 
     The input (the normalized counts) is the same tensor every step, so its transformed copy
-    (and its bfloat16 copy, with ``bf16``) is made once and kept until the input changes.
+    (and its bfloat16 copy, with ``bf16``) is made once and kept (`etm.EncoderLinear.prepared`).
 
     Parameters
     ----------
@@ -137,28 +137,11 @@ class InputLayer(EncoderLinear):
         super().__init__(in_features, out_features)
         assert log1p_scale is None or log1p_scale > 0, f"log1p_scale must be positive, got {log1p_scale}"
         self.log1p_scale = log1p_scale
+        self.transforms_input = log1p_scale is not None
 
-    def prepared(self, x):
-        """The transformed input, shape (N, M), cached by identity and version of ``x``."""
-        if self.log1p_scale is None and not self.bf16:
-            return x
-        assert not x.requires_grad, "the encoder input is data; it must not require a gradient"
-        cached = getattr(self, "_prepared", None)
-        if cached is None or cached[0] is not x or cached[1] != x._version or cached[2] != self.bf16:
-            z = x.detach()
-            if self.log1p_scale is not None:
-                z = torch.log1p(z * self.log1p_scale)  # (N, M)
-            if self.bf16:
-                z = z.to(torch.bfloat16)
-            cached = (x, x._version, self.bf16, z)
-            self._prepared = cached
-        return cached[3]
-
-    def forward(self, x):
-        z = self.prepared(x)  # (N, M)
-        if self.bf16:
-            return F.linear(z, self.weight.to(torch.bfloat16), self.bias.to(torch.bfloat16)).float()
-        return F.linear(z, self.weight, self.bias)  # (N, H)
+    def transform(self, x):
+        """``log1p(log1p_scale * x)``, shape (N, M) (``x`` itself without a scale)."""
+        return x if self.log1p_scale is None else torch.log1p(x * self.log1p_scale)
 
 
 class BatchShift(nn.Module):
@@ -341,11 +324,6 @@ class BatchETM(ETM):
             cached = (source, version, x)
             self._target = cached
         return cached[2]
-
-    def set_encoder_bf16(self, enabled=True):
-        """Compute the encoder's first layer in bfloat16 (see `InputLayer`)."""
-        self.q_theta[0].bf16 = bool(enabled)
-        self.q_theta[0]._prepared = None
 
 
 __all__ = ["BatchETM", "BatchShift", "InputLayer", "batch_codes", "make_scetm", "set_optimizer"]
