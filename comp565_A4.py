@@ -50,7 +50,8 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from torch import optim  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from a4.clustering import ARIScorer, available_cores, louvain_ari, split_cores  # noqa: E402
+from a4.clustering import louvain_ari  # noqa: E402
+from a4.scoring import ARIScorer, available_cores, split_cores  # noqa: E402
 from a4.data import DataError, DataWarning, load_course_data  # noqa: E402
 from a4.likelihoods import CSRCounts  # noqa: E402
 from a4.outputs import prepare_dir, save_figure, write_csv, write_h5ad, write_json  # noqa: E402
@@ -121,7 +122,7 @@ class PerfRecorder:
         Iterations of this run.
     adata : anndata.AnnData
         Cells with ``obs['Celltype']``.
-    scorer : a4.clustering.ARIScorer, optional
+    scorer : a4.scoring.ARIScorer, optional
         Default: scoring at once, in this process (Louvain seed 0).
     start_iter : int
         Number of the first iteration (a continued run).
@@ -182,7 +183,7 @@ def nmf_sse(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
         The N cells, with ``obs['Celltype']``, for the ARI.
     niter : int
         Iterations.
-    scorer : a4.clustering.ARIScorer, optional
+    scorer : a4.scoring.ARIScorer, optional
         Scores ``H.T`` every iteration; default: `evaluate_ari` at once, in this process.
     start_iter : int
         Number of the first iteration in ``perf`` (to continue an earlier run).
@@ -264,7 +265,7 @@ def nmf_psn(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
         The N cells, with ``obs['Celltype']``, for the ARI.
     niter : int
         Iterations.
-    scorer : a4.clustering.ARIScorer, optional
+    scorer : a4.scoring.ARIScorer, optional
         Scores ``H.T`` every iteration; default: `evaluate_ari` at once, in this process.
     start_iter : int
         Number of the first iteration in ``perf`` (to continue an earlier run).
@@ -363,7 +364,7 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
         The N cells, with ``obs['Celltype']``, for the ARI.
     niter : int
         Steps.
-    scorer : a4.clustering.ARIScorer, optional
+    scorer : a4.scoring.ARIScorer, optional
         Scores theta every step; default: `evaluate_ari` at once, in this process.
     eval_every : int
         Score the ARI every this many steps (and at the last); 1: every step.

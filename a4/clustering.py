@@ -20,24 +20,13 @@ So the partition is a function of the *pattern* of the connectivity matrix alone
 edges (both directions, no self loops) whose UMAP weight is non-zero. A weight is zero only
 where the float32 exponential underflows, which a cheap bound rules out for almost every cell
 (`_umap_zero_edges`). This module computes that pattern directly, hands it to the same
-Louvain implementation, and caches partitions by pattern: the same pattern and seed give the
-same partition, so a repeat costs nothing (NMF embeddings stop changing their neighbours
-long before the last iteration).
+Louvain implementation.
 """
 
 from __future__ import annotations
 
-import hashlib
-import multiprocessing as mp
-import os
-import queue
-import signal
-import sys
 import tempfile
-import time
-import traceback
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import scipy.sparse as sp
@@ -278,49 +267,7 @@ def louvain_partition(pattern, resolution=RESOLUTION, seed=0):
     return np.asarray(part.membership)
 
 
-class PartitionCache:
-    """Louvain partitions keyed by (graph pattern, resolution, seed); least recently used out.
-
-    The key is a 128-bit BLAKE2 digest of the pattern's CSR arrays: equal patterns give equal
-    partitions, and a collision is beyond any practical chance.
-    """
-
-    def __init__(self, maxsize=64):
-        self.maxsize = maxsize
-        self.hits = 0
-        self.misses = 0
-        self._store = OrderedDict()
-
-    def stats(self):
-        """Counts: scorings and Louvain runs (the rest were repeats of a cached pattern)."""
-        return {"scored": self.hits + self.misses, "louvain_runs": self.misses}
-
-    @staticmethod
-    def key(pattern, resolution, seed):
-        h = hashlib.blake2b(digest_size=16)
-        h.update(np.asarray(pattern.indptr, dtype=np.int64).tobytes())
-        h.update(np.asarray(pattern.indices, dtype=np.int64).tobytes())
-        h.update(repr((float(resolution), int(seed))).encode())
-        return h.digest()
-
-    def partition(self, pattern, resolution, seed):
-        key = self.key(pattern, resolution, seed)
-        if key in self._store:
-            self.hits += 1
-            self._store.move_to_end(key)
-            return self._store[key]
-        self.misses += 1
-        labels = louvain_partition(pattern, resolution, seed)
-        self._store[key] = labels
-        if len(self._store) > self.maxsize:
-            self._store.popitem(last=False)
-        return labels
-
-
-_CACHE = PartitionCache()
-
-
-def louvain_labels(embed, seed=0, n_neighbors=N_NEIGHBORS, resolution=RESOLUTION, cache=_CACHE):
+def louvain_labels(embed, seed=0, n_neighbors=N_NEIGHBORS, resolution=RESOLUTION):
     """Louvain clusters of ``embed``, the same as scanpy's ``neighbors`` + ``louvain``.
 
     Parameters
@@ -331,8 +278,6 @@ def louvain_labels(embed, seed=0, n_neighbors=N_NEIGHBORS, resolution=RESOLUTION
         Louvain's random seed.
     n_neighbors, resolution :
         kNN size and Louvain resolution (the assignment's 30 and 0.15).
-    cache : PartitionCache or None
-        Reuse partitions of identical graph patterns; None recomputes every time.
 
     Returns
     -------
@@ -344,218 +289,23 @@ def louvain_labels(embed, seed=0, n_neighbors=N_NEIGHBORS, resolution=RESOLUTION
         raise ValueError(f"the embedding must be a cells x dimensions matrix, got shape {embed.shape}")
     if not np.isfinite(embed).all():
         raise FloatingPointError("the embedding contains NaN or infinite values; it cannot be clustered")
-    if cache is None:
-        return louvain_partition(knn_graph_pattern(embed, n_neighbors), resolution, seed)
-    return cache.partition(knn_graph_pattern(embed, n_neighbors), resolution, seed)
+    return louvain_partition(knn_graph_pattern(embed, n_neighbors), resolution, seed)
 
 
-def louvain_ari(embed, true_labels, seed=0, cache=_CACHE):
+def louvain_ari(embed, true_labels, seed=0):
     """Adjusted Rand index between the Louvain clusters of ``embed`` and ``true_labels``.
 
     The one clustering metric of the project: `comp565_A4.evaluate_ari` and the worker
-    processes of `ARIScorer` both call it.
+    processes of `a4.scoring.ARIScorer` both call it.
 
     Parameters
     ----------
     embed : array-like, shape (N, K)
     true_labels : array-like, shape (N,)
     seed : int
-    cache : PartitionCache or None
 
     Returns
     -------
     float
     """
-    return float(adjusted_rand_score(true_labels, louvain_labels(embed, seed=seed, cache=cache)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring in worker processes, overlapping with training
-# ---------------------------------------------------------------------------------------------
-
-
-_STATS = "__stats__"  # a worker's last message: its cache counts
-
-
-def _worker(tasks, results, true_labels, seed):
-    """Score embeddings from ``tasks`` until a None arrives; one cache per worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)  # one core per worker: the workers and training share the machine
-    cache = PartitionCache()
-    parent = os.getppid()
-    while True:
-        try:
-            task = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # the parent was killed without closing us
-                return
-            continue
-        if task is None:
-            results.put((_STATS, cache.stats(), None))
-            return
-        tag, embed = task
-        try:
-            results.put((tag, louvain_ari(embed, true_labels, seed=seed, cache=cache), None))
-        except Exception as exc:  # sent back and raised in the parent with its context
-            results.put((tag, float("nan"), f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-
-
-class ARIScorer:
-    """Scores embeddings with `louvain_ari`, synchronously or in worker processes.
-
-    ``submit(tag, embed)`` queues one scoring; ``collect(tags)`` waits for them and returns
-    their ARIs in order; ``latest`` is the newest finished one (for a progress bar). With
-    ``n_workers=0`` every submit scores at once in this process.
-
-    Parameters
-    ----------
-    true_labels : array-like, shape (N,)
-        Reference cell types.
-    seed : int
-        Louvain's random seed.
-    n_workers : int
-        Worker processes; 0 scores in the calling process.
-    """
-
-    def __init__(self, true_labels, seed=0, n_workers=0):
-        self.true_labels = np.asarray(true_labels)
-        self.seed = int(seed)
-        self.n_workers = int(n_workers)
-        self.latest = float("nan")
-        self._done = {}
-        self._pending = set()
-        self._procs = []
-        self._cache = PartitionCache()  # scoring in this process (n_workers=0)
-        self._stats = []
-        if self.n_workers > 0:
-            # fork (Linux) starts a worker in milliseconds; spawn, elsewhere, re-imports the
-            # main script. Create the scorer before training starts any torch thread pool.
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            self._tasks = ctx.Queue()
-            self._results = ctx.Queue()
-            for _ in range(self.n_workers):
-                proc = ctx.Process(
-                    target=_worker,
-                    args=(self._tasks, self._results, self.true_labels, self.seed),
-                    daemon=True,
-                )
-                proc.start()
-                self._procs.append(proc)
-
-    def submit(self, tag, embed):
-        """Queue the ARI of ``embed`` (N x K) under the hashable ``tag``."""
-        embed = np.array(embed, copy=True)  # the caller keeps updating its array in place
-        if self.n_workers == 0:
-            self._store(tag, louvain_ari(embed, self.true_labels, seed=self.seed, cache=self._cache), None)
-            return
-        self._pending.add(tag)
-        self._tasks.put((tag, embed))
-        self.poll()
-
-    def poll(self):
-        """Take in whatever the workers have finished, without waiting."""
-        while self._pending:
-            try:
-                self._store(*self._results.get_nowait())
-            except queue.Empty:
-                return
-
-    def collect(self, tags):
-        """Wait for the scorings of ``tags`` and return their ARIs, in order.
-
-        Raises
-        ------
-        RuntimeError
-            A worker failed on one of them, or died.
-        """
-        tags = list(tags)
-        while any(t in self._pending for t in tags):
-            try:
-                self._store(*self._results.get(timeout=1.0))
-            except queue.Empty:
-                dead = [p for p in self._procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(
-                        f"an ARI worker process died (exit code {dead[0].exitcode}); "
-                        "rerun with --jobs 0 to score in the main process"
-                    ) from None
-        return np.array([self._done.pop(t) for t in tags])
-
-    def _store(self, tag, ari, error):
-        if tag == _STATS:
-            self._stats.append(ari)
-            return
-        self._pending.discard(tag)
-        if error is not None:
-            raise RuntimeError(f"scoring {tag} failed in a worker: {error}")
-        self._done[tag] = ari
-        self.latest = ari
-
-    def stats(self):
-        """Counts summed over workers (after `close`): scored, Louvain runs."""
-        parts = self._stats if self.n_workers else [self._cache.stats()]
-        return {key: sum(p[key] for p in parts) for key in ("scored", "louvain_runs")}
-
-    def close(self, wait=True):
-        """Stop the workers; with ``wait``, let them report their counts first (5 s at most)."""
-        if wait and self._procs:
-            for _ in self._procs:
-                self._tasks.put(None)
-            deadline = time.monotonic() + 5.0
-            while len(self._stats) < len(self._procs) and time.monotonic() < deadline:
-                try:
-                    self._store(*self._results.get(timeout=0.5))
-                except queue.Empty:
-                    pass
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self._procs:
-            proc.join(timeout=5)
-        if self._procs:
-            # Embeddings still buffered for the stopped workers must not hold up the exit: the
-            # queue's feeder thread would block on the full pipe and the interpreter wait on it.
-            self._tasks.cancel_join_thread()
-        self._procs = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        self.close(wait=exc_type is None)  # on an error or Ctrl-C: stop at once
-
-
-class NoScorer:
-    """A scorer that scores nothing: for timing or testing the training alone.
-
-    ``collect`` returns zeros; the perf tables it yields have no ARI.
-    """
-
-    latest = float("nan")
-
-    def submit(self, tag, embed):
-        pass
-
-    def collect(self, tags):
-        return np.zeros(len(list(tags)))
-
-
-def available_cores():
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def split_cores(cores=None):
-    """Default (scoring workers, training threads) for a machine with ``cores`` cores.
-
-    Scoring (kNN + Louvain for every iteration) is about two thirds of the CPU work and
-    single-threaded per embedding, so every core gets a worker, and training keeps a quarter
-    of the cores (at least one thread). Idle workers block on their queue and cost nothing.
-    """
-    cores = available_cores() if cores is None else cores
-    return cores, max(1, cores // 4)
+    return float(adjusted_rand_score(true_labels, louvain_labels(embed, seed=seed)))

@@ -24,15 +24,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
 
-import comp565_A4 as a4  # noqa: E402
-from a4.clustering import ARIScorer, split_cores  # noqa: E402
+import comp565_A4  # noqa: E402
+from a4.scoring import ARIScorer, split_cores  # noqa: E402
 
 
 def curve(adata, counts, normalized, seed, bf16, niter, scorer):
-    a4.seed_everything(seed)
-    model = a4.ETM(16, adata.n_vars, 256, 256, "relu", embeddings=None, train_embeddings=True, enc_drop=0.5)
+    comp565_A4.seed_everything(seed)
+    model = comp565_A4.ETM(16, adata.n_vars, 256, 256, "relu", embeddings=None, train_embeddings=True, enc_drop=0.5)
     model.set_encoder_bf16(bf16)
-    _, perf = a4.train_scETM(model, counts, normalized, adata, niter, scorer)
+    _, perf = comp565_A4.train_scETM(model, counts, normalized, adata, niter, scorer)
     return perf
 
 
@@ -49,9 +49,9 @@ def main(argv=None):
     parser.add_argument("--niter", type=int, default=1000)
     parser.add_argument("--out", help="save the curves (npz)")
     args = parser.parse_args(argv)
-    a4.quiet_known_warnings()
-    adata = a4.load_data(args.data_dir)
-    counts, normalized = a4.normalized_counts(adata)
+    comp565_A4.quiet_known_warnings()
+    adata = comp565_A4.load_data(args.data_dir)
+    counts, normalized = comp565_A4.normalized_counts(adata)
     jobs, threads = split_cores()
     torch.set_num_threads(threads)
     results = {False: [], True: []}

@@ -17,7 +17,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
-import comp565_A4 as a4
+import comp565_A4
 from etm import ETM
 
 
@@ -68,8 +68,8 @@ def course_etm(n_genes, seed=0):
 
 def etm_step(model, X_dense, X_normalized):
     """One full-batch step and theta, with the dense likelihood log(theta @ beta + 1e-6)."""
-    nelbo = a4.train_scETM_helper(model, X_dense, X_normalized)
-    return nelbo, a4.get_theta(model, X_normalized)
+    nelbo = comp565_A4.train_scETM_helper(model, X_dense, X_normalized)
+    return nelbo, comp565_A4.get_theta(model, X_normalized)
 
 
 def anndata_for(adata):

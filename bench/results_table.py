@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-import comp565_A4 as a4  # noqa: E402
+import comp565_A4  # noqa: E402
 from a4.clustering import N_NEIGHBORS, ARIScorer, knn, louvain_ari, louvain_labels  # noqa: E402
 from models import batch_codes, make_scetm  # noqa: E402
 from models.scetm import DEFAULT_ANNEAL, DEFAULT_KL_WARMUP, DEFAULT_LR, DEFAULT_NUM_TOPICS  # noqa: E402
@@ -136,29 +136,29 @@ def run_model(name, adata, seed, niter, scetm_options):
     """Train one model from scratch for one seed; returns its final embedding (N, K)."""
     cell_types = adata.obs["Celltype"].to_numpy()
     scorer = ARIScorer(cell_types, seed=seed)  # scores in this process; only the last iteration
-    a4.seed_everything(seed)
+    comp565_A4.seed_everything(seed)
     if name == "pca":
         return pca_embedding(adata, seed=seed)
     if name.startswith("nmf"):
         M, N = adata.n_vars, adata.n_obs
         X = adata.X.T.tocsr().astype(np.float64)  # genes x cells, as comp565_A4.run
         rng = np.random.default_rng(seed)
-        W_init, H_init = rng.random((M, a4.K)), rng.random((a4.K, N))
-        fit = a4.nmf_sse if name == "nmf_sse" else a4.nmf_psn
+        W_init, H_init = rng.random((M, comp565_A4.K)), rng.random((comp565_A4.K, N))
+        fit = comp565_A4.nmf_sse if name == "nmf_sse" else comp565_A4.nmf_psn
         _, H, _ = fit(X, W_init, H_init, adata, niter[name], scorer, eval_every=niter[name])
         return H.T
-    X_tensor, X_tensor_normalized = a4.normalized_counts(adata)
+    X_tensor, X_tensor_normalized = comp565_A4.normalized_counts(adata)
     if name == "etm":  # exactly as comp565_A4.run builds it
-        model = a4.ETM(num_topics=a4.K, vocab_size=adata.n_vars, t_hidden_size=256, rho_size=256,
+        model = comp565_A4.ETM(num_topics=comp565_A4.K, vocab_size=adata.n_vars, t_hidden_size=256, rho_size=256,
                        theta_act="relu", embeddings=None, train_embeddings=True, enc_drop=0.5)
     elif name == "scetm":
         model = make_scetm(adata.n_vars, batch_codes(adata.obs["batch"]), **scetm_options)
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    model.set_encoder_bf16(a4.native_bf16(torch.device("cpu")))  # as `comp565_A4 --precision auto`
-    model, _ = a4.train_scETM(model, X_tensor, X_tensor_normalized, adata, niter[name], scorer,
+    model.set_encoder_bf16(comp565_A4.native_bf16(torch.device("cpu")))  # as `comp565_A4 --precision auto`
+    model, _ = comp565_A4.train_scETM(model, X_tensor, X_tensor_normalized, adata, niter[name], scorer,
                               eval_every=niter[name])
-    return a4.get_theta(model, X_tensor_normalized).cpu().numpy()
+    return comp565_A4.get_theta(model, X_tensor_normalized).cpu().numpy()
 
 
 def score(embed, adata, seed):
@@ -182,7 +182,7 @@ def _task(job):
     name, seed, data_dir, niter, scetm_options = job
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    adata = a4.load_data(data_dir)
+    adata = comp565_A4.load_data(data_dir)
     t0 = time.perf_counter()
     embed = run_model(name, adata, seed, niter, scetm_options)
     seconds = time.perf_counter() - t0
@@ -264,8 +264,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
-    a4.quiet_known_warnings()
-    adata = a4.load_data(args.data_dir)
+    comp565_A4.quiet_known_warnings()
+    adata = comp565_A4.load_data(args.data_dir)
     if args.summarize is not None:
         frame = pd.concat([pd.read_csv(path) for path in args.summarize], ignore_index=True)
         print(summarize(frame.to_dict("records"), adata)[0])

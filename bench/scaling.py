@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
 
-import comp565_A4 as a4  # noqa: E402
+import comp565_A4  # noqa: E402
 from a4 import clustering  # noqa: E402
-from a4.clustering import NoScorer  # noqa: E402
+from a4.scoring import NoScorer, available_cores  # noqa: E402
 from bench.bench import median_ms  # noqa: E402
 
 MINIBATCH = 2048
@@ -54,19 +54,19 @@ def time_size(adata, repeat):
     rng = np.random.default_rng(0)
     W0, H0 = rng.random((M, 16)), rng.random((16, N))
     row = {"cells": N}
-    for name, fn in (("nmf_sse", a4.nmf_sse), ("nmf_psn", a4.nmf_psn)):
+    for name, fn in (("nmf_sse", comp565_A4.nmf_sse), ("nmf_psn", comp565_A4.nmf_psn)):
         row[name] = median_ms(lambda: fn(X, W0, H0, adata, niter=repeat, scorer=NoScorer()), 2) / repeat
-    counts, normalized = a4.normalized_counts(adata)
+    counts, normalized = comp565_A4.normalized_counts(adata)
     for bf16 in (False, True):
         torch.manual_seed(0)
-        model = a4.ETM(16, M, 256, 256, "relu")
+        model = comp565_A4.ETM(16, M, 256, 256, "relu")
         model.set_encoder_bf16(bf16)
         key = "etm_step_bf16" if bf16 else "etm_step"
-        row[key] = median_ms(lambda: a4.train_scETM_helper(model, counts, normalized), 2)
+        row[key] = median_ms(lambda: comp565_A4.train_scETM_helper(model, counts, normalized), 2)
         batch = torch.arange(min(MINIBATCH, N))
         mb_counts, mb_norm = counts.rows(batch), normalized[batch]
-        row[key + "_minibatch"] = median_ms(lambda: a4.train_scETM_helper(model, mb_counts, mb_norm), 3)
-    theta = a4.get_theta(model, normalized).numpy()
+        row[key + "_minibatch"] = median_ms(lambda: comp565_A4.train_scETM_helper(model, mb_counts, mb_norm), 3)
+    theta = comp565_A4.get_theta(model, normalized).numpy()
     truth = adata.obs["Celltype"].to_numpy()
     t0 = time.perf_counter()
     pattern = clustering.knn_graph_pattern(theta)
@@ -75,7 +75,7 @@ def time_size(adata, repeat):
     t2 = time.perf_counter()
     row["ari_knn_pattern"] = (t1 - t0) * 1e3
     row["ari_louvain"] = (t2 - t1) * 1e3
-    row["ari_value"] = clustering.louvain_ari(theta, truth, cache=None)
+    row["ari_value"] = clustering.louvain_ari(theta, truth)
     return row
 
 
@@ -85,9 +85,9 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 50000, 100000])
     parser.add_argument("--repeat", type=int, default=3, help="timed NMF iterations per size")
     args = parser.parse_args(argv)
-    a4.quiet_known_warnings()
-    torch.set_num_threads(clustering.available_cores())
-    base = a4.load_data(args.data_dir)
+    comp565_A4.quiet_known_warnings()
+    torch.set_num_threads(available_cores())
+    base = comp565_A4.load_data(args.data_dir)
     print("\nScaling: ms per iteration (cells resampled from the real data, counts thinned p=0.9)")
     cols = {"cells": "cells", "nmf_sse": "NMF-SSE", "nmf_psn": "NMF-Psn", "etm_step": "ETM fp32",
             "etm_step_bf16": "ETM bf16", "etm_step_bf16_minibatch": f"ETM mb{MINIBATCH}",

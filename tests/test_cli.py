@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import a4.download
-import comp565_A4 as a4cli
+import comp565_A4cli
 from course_fixtures import BROKEN_FOLDERS, unsafe_pickle, write_course_folder, write_geo_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def test_script_bad_iteration_count_end_to_end(tmp_path):
 
 BACKLOG = """
 import numpy as np
-from a4.clustering import ARIScorer
+from a4.scoring import ARIScorer
 labels = np.repeat(np.arange(8), 236)
 rng = np.random.default_rng(0)
 try:

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import scanpy as sc
 
-import comp565_A4 as a4
+import comp565_A4
 from a4 import clustering
+from a4.scoring import NoScorer
 
 
 def scanpy_labels(embed, seed=0):
@@ -31,17 +32,17 @@ def blobs(n_per=50, n_types=4, dim=8, spread=0.3, seed=0):
 
 def test_one_hot_embedding_of_the_truth_scores_one(small_adata):
     codes = small_adata.obs["Celltype"].cat.codes.to_numpy()
-    assert a4.evaluate_ari(np.eye(codes.max() + 1)[codes], small_adata) == pytest.approx(1.0)
+    assert comp565_A4.evaluate_ari(np.eye(codes.max() + 1)[codes], small_adata) == pytest.approx(1.0)
 
 
 def test_noise_scores_about_zero(small_adata):
     noise = np.random.default_rng(0).random((small_adata.n_obs, 16))
-    assert abs(a4.evaluate_ari(noise, small_adata)) < 0.05
+    assert abs(comp565_A4.evaluate_ari(noise, small_adata)) < 0.05
 
 
 def test_evaluate_ari_stores_the_embedding(small_adata):
     embed = np.random.default_rng(1).random((small_adata.n_obs, 5))
-    a4.evaluate_ari(embed, small_adata)
+    comp565_A4.evaluate_ari(embed, small_adata)
     np.testing.assert_array_equal(small_adata.obsm["cell_embed"], embed)
 
 
@@ -49,7 +50,7 @@ def test_evaluate_ari_stores_the_embedding(small_adata):
 def test_synthetic_partitions_equal_scanpy(seed):
     embed, _ = blobs(seed=seed)
     ref, _ = scanpy_labels(embed, seed=seed)
-    ours = clustering.louvain_labels(embed, seed=seed, cache=None)
+    ours = clustering.louvain_labels(embed, seed=seed)
     np.testing.assert_array_equal(ours, ref)
 
 
@@ -64,7 +65,7 @@ def test_zero_weight_edges_match_umap():
     ref_labels, connectivities = scanpy_labels(embed)
     pattern = clustering.knn_graph_pattern(embed)
     assert (pattern != (connectivities > 0)).nnz == 0
-    np.testing.assert_array_equal(clustering.louvain_labels(embed, cache=None), ref_labels)
+    np.testing.assert_array_equal(clustering.louvain_labels(embed), ref_labels)
 
 
 def test_duplicates_take_scanpys_exact_path():
@@ -73,7 +74,7 @@ def test_duplicates_take_scanpys_exact_path():
     embed = np.repeat(embed[::4], 4, axis=0)  # every cell four times
     ref, connectivities = scanpy_labels(embed)
     assert (clustering.knn_graph_pattern(embed) != (connectivities > 0)).nnz == 0
-    np.testing.assert_array_equal(clustering.louvain_labels(embed, cache=None), ref)
+    np.testing.assert_array_equal(clustering.louvain_labels(embed), ref)
 
 
 def test_graphdb_reader_builds_the_same_graph_as_a_python_edge_list():
@@ -85,36 +86,6 @@ def test_graphdb_reader_builds_the_same_graph_as_a_python_edge_list():
     ref = ig.Graph(n=pattern.shape[0], edges=list(zip(sources.tolist(), targets.tolist())), directed=True)
     assert g.is_directed() and g.vcount() == ref.vcount()
     assert g.get_edgelist() == ref.get_edgelist()
-
-
-def test_cache_reuses_identical_patterns_only():
-    embed, _ = blobs()
-    cache = clustering.PartitionCache()
-    first = clustering.louvain_labels(embed, cache=cache)
-    again = clustering.louvain_labels(embed * 1.0000001, cache=cache)  # same neighbours
-    other_seed = clustering.louvain_labels(embed, seed=3, cache=cache)
-    assert (cache.hits, cache.misses) == (1, 2)
-    np.testing.assert_array_equal(first, again)
-    np.testing.assert_array_equal(other_seed, clustering.louvain_labels(embed, seed=3, cache=None))
-
-
-def test_worker_processes_give_the_same_aris_as_in_process():
-    embeds = [blobs(seed=s, spread=s * 0.5)[0] for s in range(4)]
-    truth = blobs()[1]
-    with clustering.ARIScorer(truth, seed=0, n_workers=2) as scorer:
-        for i, e in enumerate(embeds):
-            scorer.submit(("t", i), e)
-        got = scorer.collect([("t", i) for i in range(4)])
-    expected = [clustering.louvain_ari(e, truth, cache=None) for e in embeds]
-    np.testing.assert_allclose(got, expected)
-    assert got[0] == pytest.approx(1.0)
-
-
-def test_worker_errors_reach_the_caller():
-    with clustering.ARIScorer(np.zeros(10), n_workers=1) as scorer:
-        scorer.submit("bad", np.full((10, 2), np.nan))
-        with pytest.raises(RuntimeError, match="scoring bad failed in a worker: FloatingPointError"):
-            scorer.collect(["bad"])
 
 
 def test_non_finite_embedding_is_refused():
@@ -133,14 +104,14 @@ def test_real_data_partitions_equal_scanpy(real_adata):
     logn = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
     rng = np.random.default_rng(0)
     M, N = real_adata.n_vars, real_adata.n_obs
-    _, H, _ = a4.nmf_psn(real_adata.X.T, rng.random((M, 16)), rng.random((16, N)), real_adata, niter=15,
-                         scorer=clustering.NoScorer())
+    _, H, _ = comp565_A4.nmf_psn(real_adata.X.T, rng.random((M, 16)), rng.random((16, N)), real_adata, niter=15,
+                         scorer=NoScorer())
     torch.manual_seed(0)
     model = ETM(16, M, 256, 256, "relu")
-    counts, normalized = a4.normalized_counts(real_adata)
+    counts, normalized = comp565_A4.normalized_counts(real_adata)
     for _ in range(30):
-        a4.train_scETM_helper(model, counts, normalized)
-    theta = a4.get_theta(model, normalized).numpy()
+        comp565_A4.train_scETM_helper(model, counts, normalized)
+    theta = comp565_A4.get_theta(model, normalized).numpy()
     embeds = {
         "nmf_H": H.T,
         "etm_theta": theta,
@@ -151,30 +122,7 @@ def test_real_data_partitions_equal_scanpy(real_adata):
     truth = real_adata.obs["Celltype"].to_numpy()
     for name, embed in embeds.items():
         ref, _ = scanpy_labels(embed, seed=0)
-        ours = clustering.louvain_labels(embed, seed=0, cache=None)
+        ours = clustering.louvain_labels(embed, seed=0)
         np.testing.assert_array_equal(ours, ref, err_msg=name)
-        assert a4.evaluate_ari(embed, real_adata) == pytest.approx(
+        assert comp565_A4.evaluate_ari(embed, real_adata) == pytest.approx(
             clustering.adjusted_rand_score(truth, ref)), name
-
-
-def test_cached_scoring_equals_fresh_scoring():
-    """Repeated and slightly moved embeddings: cache hits only for identical patterns."""
-    embed, _ = blobs(spread=0.6, seed=4)
-    rng = np.random.default_rng(5)
-    cache = clustering.PartitionCache()
-    for step in range(8):
-        embed = embed + (0.05 if step % 4 == 0 else 1e-9) * rng.normal(size=embed.shape)
-        np.testing.assert_array_equal(clustering.louvain_labels(embed, cache=cache),
-                                      clustering.louvain_labels(embed, cache=None))
-    assert cache.stats() == {"scored": 8, "louvain_runs": 2}
-
-
-def test_scorer_reports_its_counts():
-    embed, truth = blobs()
-    for workers in (0, 1):
-        scorer = clustering.ARIScorer(truth, n_workers=workers)
-        for i in range(3):
-            scorer.submit(i, embed)
-        scorer.collect(range(3))
-        scorer.close()
-        assert scorer.stats() == {"scored": 3, "louvain_runs": 1}, workers

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-import comp565_A4 as a4
+import comp565_A4
 from a4.likelihoods import CSRCounts, categorical_logits_nll, categorical_nll, gaussian_kl
 from etm import ETM
 
@@ -13,7 +13,7 @@ from etm import ETM
 @pytest.fixture
 def tensors(small_adata):
     torch.manual_seed(0)
-    counts, normalized = a4.normalized_counts(small_adata)
+    counts, normalized = comp565_A4.normalized_counts(small_adata)
     return small_adata, counts, normalized
 
 
@@ -32,7 +32,7 @@ def test_forward_is_finite_and_beta_theta_are_distributions(tensors):
     beta = model.get_beta()
     assert beta.shape == (5, adata.n_vars)
     torch.testing.assert_close(beta.sum(1), torch.ones(5))
-    theta = a4.get_theta(model, normalized)
+    theta = comp565_A4.get_theta(model, normalized)
     assert theta.shape == (adata.n_obs, 5)
     torch.testing.assert_close(theta.sum(1), torch.ones(adata.n_obs))
 
@@ -100,26 +100,26 @@ def test_gaussian_kl_matches_torch_distributions():
 def test_training_lowers_the_nelbo(tensors):
     adata, counts, normalized = tensors
     model = make_model(adata.n_vars)
-    losses = [a4.train_scETM_helper(model, counts, normalized) for _ in range(200)]
+    losses = [comp565_A4.train_scETM_helper(model, counts, normalized) for _ in range(200)]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-10:]) < 0.98 * np.mean(losses[:10])  # lr 1e-3: slow but steady
 
 
 def test_train_scetm_records_every_step(tensors):
     adata, counts, normalized = tensors
-    model, perf = a4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=15)
+    model, perf = comp565_A4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=15)
     assert perf.shape == (15, 3)
     np.testing.assert_array_equal(perf[:, 0], np.arange(15))
     assert np.isfinite(perf).all()
-    assert perf[-1, 2] == pytest.approx(a4.evaluate_ari(a4.get_theta(model, normalized).numpy(), adata))
+    assert perf[-1, 2] == pytest.approx(comp565_A4.evaluate_ari(comp565_A4.get_theta(model, normalized).numpy(), adata))
 
 
 def test_bf16_encoder_stays_close_to_float32(tensors):
     adata, counts, normalized = tensors
     model = make_model(adata.n_vars)
-    theta32 = a4.get_theta(model, normalized)
+    theta32 = comp565_A4.get_theta(model, normalized)
     model.set_encoder_bf16(True)
-    theta16 = a4.get_theta(model, normalized)
+    theta16 = comp565_A4.get_theta(model, normalized)
     assert theta16.dtype == torch.float32
     torch.testing.assert_close(theta16, theta32, rtol=0, atol=2e-2)
     loss = sum(model(counts, normalized))
@@ -161,8 +161,8 @@ def test_fused_adam_matches_the_reference_update(tensors):
     reference = torch.optim.Adam(models[1].parameters(), lr=1e-3, weight_decay=1.2e-6, foreach=False)
     models[1].optimizer = reference
     for _ in range(5):
-        a4.train_scETM_helper(models[0], counts, normalized)
-        a4.train_scETM_helper(models[1], counts, normalized)
+        comp565_A4.train_scETM_helper(models[0], counts, normalized)
+        comp565_A4.train_scETM_helper(models[1], counts, normalized)
     for p_fused, p_ref in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p_fused, p_ref, rtol=1e-5, atol=1e-6)
 
@@ -170,7 +170,7 @@ def test_fused_adam_matches_the_reference_update(tensors):
 def test_minibatch_epochs_train_and_match_full_batch_when_one_batch(tensors):
     adata, counts, normalized = tensors
     torch.manual_seed(0)
-    model, perf = a4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=6, batch_size=32)
+    model, perf = comp565_A4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=6, batch_size=32)
     assert perf.shape == (6, 3) and np.isfinite(perf).all()
     assert perf[-1, 1] < perf[0, 1]
     sub = counts.rows([0, 5, 7])
@@ -179,6 +179,6 @@ def test_minibatch_epochs_train_and_match_full_batch_when_one_batch(tensors):
     runs = []
     for bs in (None, adata.n_obs):
         torch.manual_seed(1)
-        runs.append(a4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=3,
+        runs.append(comp565_A4.train_scETM(make_model(adata.n_vars), counts, normalized, adata, niter=3,
                                    batch_size=bs)[1])
     np.testing.assert_array_equal(runs[0], runs[1])

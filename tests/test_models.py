@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-import comp565_A4 as a4
+import comp565_A4
 from a4.likelihoods import CSRCounts
 from models import BatchETM, batch_codes, set_optimizer
 from models.scetm import DEFAULT_LR
@@ -16,7 +16,7 @@ from models.scetm import DEFAULT_LR
 
 @pytest.fixture
 def data(small_adata):
-    counts, normalized = a4.normalized_counts(small_adata)
+    counts, normalized = comp565_A4.normalized_counts(small_adata)
     return small_adata, counts, normalized, batch_codes(small_adata.obs["batch"])
 
 
@@ -44,7 +44,7 @@ def test_forward_is_finite_and_theta_is_a_distribution(data):
     nll, kl = model(counts, normalized)
     assert nll.ndim == 0 and kl.ndim == 0
     assert torch.isfinite(nll) and torch.isfinite(kl) and nll > 0 and kl >= 0
-    theta = a4.get_theta(model, normalized)  # the assignment's own helper
+    theta = comp565_A4.get_theta(model, normalized)  # the assignment's own helper
     assert theta.shape == (adata.n_obs, 5)
     torch.testing.assert_close(theta.sum(1), torch.ones(adata.n_obs))
     beta = model.get_beta()
@@ -172,10 +172,10 @@ def test_log1p_input_and_bf16_are_cached_and_close_to_float32(data):
     z = layer.prepared(normalized)
     torch.testing.assert_close(z, torch.log1p(1e4 * normalized))
     assert layer.prepared(normalized) is z  # made once per input tensor
-    h32 = a4.get_theta(model, normalized)
+    h32 = comp565_A4.get_theta(model, normalized)
     model.set_encoder_bf16(True)
     assert layer.prepared(normalized).dtype == torch.bfloat16
-    h16 = a4.get_theta(model, normalized)
+    h16 = comp565_A4.get_theta(model, normalized)
     torch.testing.assert_close(h16, h32, rtol=0.05, atol=0.02)
 
 
@@ -235,7 +235,7 @@ def test_set_optimizer_is_the_one_the_assignment_loop_uses(data):
     adata, _, _, batch = data
     model = make_model(adata.n_vars, batch)
     opt = set_optimizer(model, lr=DEFAULT_LR)
-    assert a4.assignment_optimizer(model) is opt
+    assert comp565_A4.assignment_optimizer(model) is opt
     assert opt.param_groups[0]["lr"] == DEFAULT_LR and opt.param_groups[0]["weight_decay"] == 1.2e-6
 
 
@@ -246,7 +246,7 @@ def test_training_with_the_assignment_loop_lowers_the_loss(data):
     model.eval()
     with torch.no_grad():
         before = float(model(counts, normalized)[0])
-    model, perf = a4.train_scETM(model, counts, normalized, adata, niter=60)
+    model, perf = comp565_A4.train_scETM(model, counts, normalized, adata, niter=60)
     assert perf.shape == (60, 3) and np.isfinite(perf).all()
     model.eval()
     with torch.no_grad():
@@ -261,10 +261,10 @@ def test_short_run_on_the_real_data(real_adata):
     """50 full-batch steps with the chosen options: finite, and already well above chance (ARI ~0)."""
     adata = real_adata
     torch.manual_seed(0)
-    counts, normalized = a4.normalized_counts(adata)
+    counts, normalized = comp565_A4.normalized_counts(adata)
     model = BatchETM(adata.n_vars, batch_codes(adata.obs["batch"]))
     set_optimizer(model, DEFAULT_LR)
-    model, perf = a4.train_scETM(model, counts, normalized, adata, niter=50, eval_every=10)
+    model, perf = comp565_A4.train_scETM(model, counts, normalized, adata, niter=50, eval_every=10)
     assert perf.shape == (5, 3) and np.isfinite(perf).all()
     assert perf[-1, 1] < perf[0, 1]
     assert math.isfinite(perf[-1, 2]) and perf[-1, 2] > 0.1, f"ARI after 50 steps: {perf[-1, 2]:.3f}"

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import comp565_A4 as a4
+import comp565_A4
 
 FIGURES = ["nmf_sse", "nmf_psn", "nmf_sse_vs_psn", "scETM_train", "nmf_psn_1000", "nmf_psn_vs_scETM",
            "tsne_scETM_vs_nmf", "cells_topics_heatmap", "topics_top_genes_heatmap"]
@@ -28,7 +28,7 @@ def test_loading_gives_the_course_matrix(real_adata):
 @pytest.fixture(scope="module")
 def quick_run(real_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("figures")
-    code = a4.main(["--data-dir", str(real_data_dir), "--figures-dir", str(out), "--quick", "--jobs", "2"])
+    code = comp565_A4.main(["--data-dir", str(real_data_dir), "--figures-dir", str(out), "--quick", "--jobs", "2"])
     return code, out
 
 
@@ -84,7 +84,7 @@ def test_quick_run_summary(quick_run):
 
 def test_missing_data_folder_is_one_clear_error_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "figures"
-    code = a4.main(["--data-dir", str(tmp_path / "nowhere"), "--figures-dir", str(out)])
+    code = comp565_A4.main(["--data-dir", str(tmp_path / "nowhere"), "--figures-dir", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and "nowhere" in err and "--data-dir" in err
@@ -95,10 +95,10 @@ def test_precision_auto_resolves_to_what_the_hardware_has():
     import torch
 
     cpu = torch.device("cpu")
-    args = a4.parse_args(["--precision", "auto", "--device", "cpu"])
-    assert args.precision == ("bf16" if a4.native_bf16(cpu) else "fp32")
-    assert a4.parse_args(["--precision", "fp32"]).precision == "fp32"
-    assert a4.parse_args(["--precision", "bf16"]).precision == "bf16"
+    args = comp565_A4.parse_args(["--precision", "auto", "--device", "cpu"])
+    assert args.precision == ("bf16" if comp565_A4.native_bf16(cpu) else "fp32")
+    assert comp565_A4.parse_args(["--precision", "fp32"]).precision == "fp32"
+    assert comp565_A4.parse_args(["--precision", "bf16"]).precision == "bf16"
 
 
 def test_batch_corrected_run_writes_the_same_outputs(real_data_dir, tmp_path, quick_run):
@@ -106,7 +106,7 @@ def test_batch_corrected_run_writes_the_same_outputs(real_data_dir, tmp_path, qu
     NMF results are those of the plain run."""
     _, plain = quick_run
     out = tmp_path / "figures"
-    code = a4.main(["--data-dir", str(real_data_dir), "--figures-dir", str(out), "--quick", "--jobs", "0",
+    code = comp565_A4.main(["--data-dir", str(real_data_dir), "--figures-dir", str(out), "--quick", "--jobs", "0",
                     "--batch-correct"])
     assert code == 0
     for name in FIGURES:
