@@ -1,5 +1,7 @@
 """Count likelihoods, written once and shared by every model (tests check them against
-``torch.distributions``).
+``torch.distributions``): categorical (the ETMs), Poisson, negative binomial (scVI's mean /
+inverse-dispersion form) and zero-inflated negative binomial (DCA / scDeepCluster), plus the
+Gaussian KL of a VAE.
 
 Counts come either as a dense ``(N, M)`` tensor or as `CSRCounts`, which keeps only the
 non-zero counts: a categorical likelihood ``sum_j x_ij log p_ij`` has no terms where
@@ -13,6 +15,9 @@ import scipy.sparse as sp
 import torch
 
 LOG_EPS = 1e-6  # the course ETM's guard inside log(theta @ beta + 1e-6): p can underflow to 0
+# Guards log(mu), log(theta) and log(pi) of the count likelihoods: a softplus or exp output can
+# underflow to 0 (scVI's and DCA's eps are 1e-8 and 1e-10; 1e-8 keeps float32 finite).
+EPS = 1e-8
 
 
 class CSRCounts:
@@ -193,3 +198,95 @@ def gaussian_kl(mu, logvar):
     Tensor, scalar
     """
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1).mean()
+
+
+def poisson_log_prob(x, rate):
+    """log Poisson(x; rate) elementwise, ``x log(rate) - rate - log(x!)``.
+
+    Parameters
+    ----------
+    x : Tensor, shape (N, M)
+        Counts.
+    rate : Tensor, shape (N, M)
+        Positive means.
+
+    Returns
+    -------
+    Tensor, shape (N, M)
+    """
+    return torch.xlogy(x, rate + EPS) - rate - torch.lgamma(x + 1)
+
+
+def nb_log_prob(x, mu, theta):
+    """log NB(x; mean mu, inverse dispersion theta) elementwise (scVI's parametrization).
+
+    ``Var = mu + mu^2 / theta``;
+    ``log p = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+    + theta log(theta / (theta + mu)) + x log(mu / (theta + mu))``.
+    Equals ``torch.distributions.NegativeBinomial(total_count=theta, logits=log mu - log theta)``.
+
+    Parameters
+    ----------
+    x : Tensor, shape (N, M)
+        Counts.
+    mu : Tensor, shape (N, M)
+        Positive means.
+    theta : Tensor, shape (M,) or (N, M)
+        Positive inverse dispersions (per gene in scVI).
+
+    Returns
+    -------
+    Tensor, shape (N, M)
+    """
+    log_theta_mu = torch.log(theta + mu + EPS)
+    return (
+        theta * (torch.log(theta + EPS) - log_theta_mu)
+        + x * (torch.log(mu + EPS) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
+
+
+def zinb_log_prob(x, mu, theta, pi):
+    """log ZINB(x; mu, theta, dropout pi) elementwise (DCA / scDeepCluster's likelihood).
+
+    ``p(0) = pi + (1 - pi) NB(0)``; ``p(x > 0) = (1 - pi) NB(x)``, with `nb_log_prob`'s NB.
+
+    Parameters
+    ----------
+    x : Tensor, shape (N, M)
+        Counts (scDeepCluster: raw counts; its mean is already scaled by the size factor).
+    mu, theta : Tensor, shape (N, M)
+        NB mean and inverse dispersion.
+    pi : Tensor, shape (N, M)
+        Dropout probabilities in [0, 1] (a sigmoid output).
+
+    Returns
+    -------
+    Tensor, shape (N, M)
+    """
+    nb = nb_log_prob(x, mu, theta)
+    # NB(0) = (theta / (theta + mu))^theta
+    nb_zero = theta * (torch.log(theta + EPS) - torch.log(theta + mu + EPS))
+    at_zero = torch.log(pi + (1 - pi) * torch.exp(nb_zero) + EPS)
+    return torch.where(x < 0.5, at_zero, torch.log(1 - pi + EPS) + nb)
+
+
+def zinb_loss(x, mean, disp, pi, size_factors):
+    """DCA / scDeepCluster's ZINB loss: mean over entries of ``-log ZINB(x; s_i mean, disp, pi)``.
+
+    Parameters
+    ----------
+    x : Tensor, shape (N, M)
+        Raw counts.
+    mean, disp, pi : Tensor, shape (N, M)
+        The decoder's ZINB heads (mean before the size factor, inverse dispersion, dropout).
+    size_factors : Tensor, shape (N,)
+        Cell total / median total (scDeepCluster's ``sf``).
+
+    Returns
+    -------
+    Tensor, scalar
+    """
+    return -zinb_log_prob(x, mean * size_factors[:, None], disp, pi).mean()

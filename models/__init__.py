@@ -1,6 +1,31 @@
-"""More single-cell models, sharing the likelihoods of `a4.likelihoods` and the assignment's
-training loop (`comp565_A4.train_scETM`)."""
+"""The registry: model name -> where its class lives (imported only when asked for).
 
-from models.scetm import BatchETM, batch_codes, make_scetm, set_optimizer
+A new model is one file in this folder (a `models.base.Model` subclass) and one line here; it
+then appears in ``compare.py --models`` and in the registry's tests without other changes.
+"""
 
-__all__ = ["BatchETM", "batch_codes", "make_scetm", "set_optimizer"]
+from __future__ import annotations
+
+import importlib
+
+REGISTRY = {
+    "pca": "models.pca:PCA",
+    "nmf_sse": "models.nmf:NMFSSE",
+    "nmf_psn": "models.nmf:NMFPoisson",
+    "etm": "models.etm:CourseETM",
+    "scetm": "models.scetm:SCETM",
+}
+
+
+def get_model(name):
+    """The model class registered under ``name``.
+
+    Raises
+    ------
+    KeyError
+        Unknown name; the message lists the registered ones.
+    """
+    if name not in REGISTRY:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(REGISTRY)}")
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
