@@ -1,7 +1,12 @@
-"""The course's data folder, loaded safely and checked before any training.
+"""Every data set as one AnnData of raw counts, checked before any training.
 
-The folder holds four files (``MP.pickle``, ``MP_genes.pickle``, ``cell_IDs.pkl``,
-``sample_info.csv``) and the assignment reads them as
+`load_dataset` takes a name of `DATASETS` (resolved under a data root, see
+`default_data_root`) or a path (``.h5ad``, scDeepCluster ``.h5``, MuData ``.h5mu``, or the
+course's folder) and returns cells x genes raw counts with the labels in
+``obs[LABEL_KEY]`` and the batch, when there is one, in ``obs[BATCH_KEY]``.
+
+The course's data folder holds four files (``MP.pickle``, ``MP_genes.pickle``,
+``cell_IDs.pkl``, ``sample_info.csv``) and the assignment reads them as
 
     df = pickle.load(MP.pickle).set_index("Unnamed: 0")
     df = df.loc[list(cell_IDs)]
@@ -17,11 +22,14 @@ Index and a tuple of strings), and every way the folder can be wrong ends in one
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -280,8 +288,27 @@ def _counts_matrix(counts, path):
     raise DataError(f"{path}: {n} {kind} count(s), e.g. {where}; the assignment needs raw UMI counts")
 
 
-def _drop_empty(adata, path):
-    """Drop cells and genes without a single count (a cell's normalized profile would be 0/0)."""
+def _drop_empty(adata, path, fix="the assignment needs the raw UMI counts: re-copy it from the course's data folder"):
+    """Drop cells and genes without a single count (a cell's normalized profile would be 0/0).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData, shape (N, M)
+        ``X`` raw counts; ``obsm`` entries are subset with the cells.
+    path : str or Path
+        Named in the warning and the error.
+    fix : str
+        What the error tells the user to do.
+
+    Returns
+    -------
+    anndata.AnnData, shape (N', M'), the cells and genes with a positive total
+
+    Raises
+    ------
+    DataError
+        Fewer than 2 cells or genes are left.
+    """
     cell_tot = np.asarray(adata.X.sum(axis=1)).ravel()
     gene_tot = np.asarray(adata.X.sum(axis=0)).ravel()
     n_cells, n_genes = int((cell_tot == 0).sum()), int((gene_tot == 0).sum())
@@ -293,7 +320,416 @@ def _drop_empty(adata, path):
             stacklevel=3,
         )
         adata = adata[cell_tot > 0, gene_tot > 0].copy()
-        if adata.n_obs < 2 or adata.n_vars < 2:
-            raise DataError(f"{path}: fewer than 2 cells or genes have any counts; the assignment needs "
-                            "the raw UMI counts: re-copy it from the course's data folder")
+    if adata.n_obs < 2 or adata.n_vars < 2:
+        raise DataError(f"{path}: fewer than 2 cells or genes have any counts ({adata.n_obs} cells x "
+                        f"{adata.n_vars} genes); {fix}")
     return adata
+
+
+# ---------------------------------------------------------------------------------------------
+# Every data set by name or by path: one AnnData of raw counts, labels and batch under fixed keys
+
+LABEL_KEY = "Celltype"  # every loader puts the labels here (the assignment's evaluate_ari reads this name)
+BATCH_KEY = "batch"  # and the batch here, when the data set has one
+LABEL_KEYS = ("cell_type", "celltype", "Celltype", "assigned_cluster", "labels", "label")  # tried in this order
+COUNTS_LAYER = "counts"  # where h5ad files with normalized X keep their raw counts (NeurIPS 2021, scvi-tools)
+MODALITIES = (("prot", "ADT"), ("adt", "ADT"), ("atac", "ATAC"))  # part of a MuData modality's name -> its kind
+DATA_ROOT_ENV = "A4_DATA_ROOT"
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """Where a named data set lives under the data root, and its keys.
+
+    ``file`` None means the course's folder (`load_course_data`, keys fixed). ``mod2`` is the
+    h5ad of the second modality (same cells as ``file``), of kind ``modality`` ("ADT" or "ATAC").
+    """
+
+    folder: str
+    file: str | None = None
+    label_key: str | None = None
+    batch_key: str | None = None
+    layer: str | None = None
+    mod2: str | None = None
+    modality: str | None = None
+
+
+_CITE = "openproblems_bmmc_cite_starter.output_"
+_MULTIOME = "openproblems_bmmc_multiome_starter.output_"
+DATASETS = {
+    "mouse_pancreas": NamedDataset("mouse_pancreas"),
+    "baron_mouse": NamedDataset("baron_mouse", "baron_mouse_1886_counts.h5ad", "assigned_cluster", "batch"),
+    "pbmc3k": NamedDataset("pbmc3k", "pbmc3k_counts_seurat_labels.h5ad", "cell_type"),  # 62 cells unlabelled
+    "10x_pbmc": NamedDataset("scdcc_top2000", "10X_PBMC_top2000.h5"),
+    "mouse_bladder": NamedDataset("scdcc_top2000", "mouse_bladder_cell_top2000.h5"),
+    "neurips_cite": NamedDataset("neurips2021_bmmc_cite_subset", _CITE + "rna.h5ad", "cell_type", "batch",
+                                 COUNTS_LAYER, _CITE + "mod2.h5ad", "ADT"),
+    "neurips_multiome": NamedDataset("neurips2021_bmmc_multiome_subset", _MULTIOME + "rna.h5ad", "cell_type",
+                                     "batch", COUNTS_LAYER, _MULTIOME + "mod2.h5ad", "ATAC"),
+}
+_NEEDS_COUNTS = "the file needs raw counts in at least 2 cells and 2 genes"
+
+
+def default_data_root():
+    """The folder the names of `DATASETS` are looked up in: ``$A4_DATA_ROOT``, else ``data``.
+
+    Returns
+    -------
+    Path
+        Relative to the current folder unless ``A4_DATA_ROOT`` is absolute.
+    """
+    return Path(os.environ.get(DATA_ROOT_ENV) or "data")
+
+
+def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=None):
+    """Load a data set by name or by path as raw counts with labels (and batch) under fixed keys.
+
+    Parameters
+    ----------
+    data : str or Path
+        A name of `DATASETS` (looked up under ``data_root``), or a path: an ``.h5ad`` file, an
+        ``.h5`` file in the scDeepCluster layout (``X`` cells x genes counts, ``Y`` labels,
+        optional ``ADT_X`` cells x proteins counts of a CITE-seq set), a MuData ``.h5mu`` file
+        (the modality named ``rna``, else the first, plus at most one more), or a folder with the
+        course's four files (`load_course_data`). A name wins over a file of the same name.
+    data_root : str or Path, optional
+        Where names are looked up (same layout as ``shared/data``); default `default_data_root()`.
+        Not used for paths, which are relative to the current folder.
+    label_key : str, optional
+        The obs column of labels (``.h5ad``, ``.h5mu``; overrides a name's); default the first of
+        `LABEL_KEYS` present.
+    batch_key : str, optional
+        The obs column of batches; default ``"batch"`` when present, else the data have no batch.
+    layer : str, optional
+        The layer holding the raw counts, for both modalities (``.h5ad``, ``.h5mu``); default ``X``.
+
+    Returns
+    -------
+    anndata.AnnData, shape (N cells, M genes)
+        ``X``: raw counts, CSR float32 (the course's folder: int64, exactly `load_course_data`).
+        ``obs[LABEL_KEY]``: categorical of str labels. ``obs[BATCH_KEY]``: categorical of str,
+        only when there is a batch. The file's other obs columns keep their names (the label and
+        batch columns are moved, and a column already named ``Celltype`` or ``batch`` that was not
+        chosen is replaced); for two modalities, the second's obs columns that the first lacks are
+        added. ``var``: the file's (``"gene0"``.. for ``.h5`` files, which store no names).
+        Multimodal data: ``obsm["mod2"]`` (N, M2) float32 ndarray of the second modality's raw
+        counts, and ``uns["mod2"] = {"modality": "ADT" or "ATAC", "features": M2 names, "path"}``.
+        ``uns["dataset"] = {"name": the name or the file's stem, "path": the file or folder read}``.
+        Cells without a label are dropped with a `DataWarning`, then cells and genes without a
+        single count (`_drop_empty`); the second modality's features are kept as they are.
+
+    Raises
+    ------
+    DataError
+        One line naming the file, key or flag and the fix: an unknown name, a name whose folder is
+        missing under the root, a missing, unreadable or unknown kind of file, a missing label,
+        batch or layer, values that are not raw counts, labels of one class, fewer than 2 cells or
+        genes with counts, or two modalities that hold different cells.
+    """
+    if isinstance(data, str) and data in DATASETS:
+        root = Path(data_root) if data_root is not None else default_data_root()
+        return _load_named(data, root, label_key, batch_key, layer)
+    path = Path(data)
+    if not path.exists() and not path.suffix and len(path.parts) == 1:
+        raise DataError(f"unknown data set {str(data)!r}; the names are {', '.join(DATASETS)}, and a path to an "
+                        ".h5ad, .h5 (scDeepCluster X/Y) or .h5mu file, or to the course's data folder, also works")
+    return _load_path(path, path.name if path.is_dir() else path.stem, label_key, batch_key, layer)
+
+
+def _load_named(name, root, label_key, batch_key, layer):
+    spec = DATASETS[name]
+    folder = root / spec.folder
+    if not folder.is_dir():
+        course = spec.file is None and all((root / f).is_file() for f in COURSE_FILES)
+        also = f"; or pass the course's folder itself as a path: --data {root}" if course else ""
+        raise DataError(f"data set {name!r}: no folder {folder.absolute()}; pass --data-root DIR or set "
+                        f"{DATA_ROOT_ENV}=DIR, DIR holding {spec.folder}/ (see data/README.md){also}")
+    if spec.file is None:
+        return _load_path(folder, name, label_key, batch_key, layer)
+    return _load_path(folder / spec.file, name, label_key or spec.label_key, batch_key or spec.batch_key,
+                      layer or spec.layer, None if spec.mod2 is None else folder / spec.mod2, spec.modality)
+
+
+def _load_path(path, name, label_key, batch_key, layer, mod2_path=None, modality=None):
+    if path.is_dir():
+        _reject_flags(path, "the course's data folder (labels assigned_cluster, batch from sample_info.csv)",
+                      label_key=label_key, batch_key=batch_key, layer=layer)
+        adata = load_course_data(path)
+    elif not path.exists():
+        raise DataError(f"{path.absolute()}: no such file; pass an existing .h5ad, .h5 or .h5mu file, or one of "
+                        f"the names {', '.join(DATASETS)}")
+    elif path.suffix == ".h5ad":
+        mod2 = None
+        if mod2_path is not None:
+            mod2 = (_read_h5ad(mod2_path), modality, mod2_path, ("rna", modality.lower()))
+        adata = _from_anndata(_read_h5ad(path), path, label_key, batch_key, layer, mod2)
+    elif path.suffix == ".h5mu":
+        adata = _from_h5mu(path, label_key, batch_key, layer)
+    elif path.suffix == ".h5":
+        _reject_flags(path, "an scDeepCluster .h5 file (labels in Y, counts in X)",
+                      label_key=label_key, batch_key=batch_key, layer=layer)
+        adata = _from_h5(path)
+    else:
+        raise DataError(f"{path}: unknown file suffix {path.suffix!r}; pass an .h5ad, .h5 (scDeepCluster X/Y) or "
+                        ".h5mu file, or the course's data folder")
+    adata.uns["dataset"] = {"name": name, "path": str(path)}
+    return adata
+
+
+def _reject_flags(path, what, **flags):
+    given = [f"--{key.replace('_', '-')}" for key, value in flags.items() if value is not None]
+    if given:
+        raise DataError(f"{path}: {', '.join(given)} cannot be used with {what}; leave it out")
+
+
+def _why(exc):
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _read_h5ad(path):
+    if not path.is_file():
+        raise DataError(f"{path.absolute()}: no such file; re-copy the data set's folder")
+    try:
+        with warnings.catch_warnings():  # files from anndata < 0.8 (NeurIPS 2021): one notice per element
+            warnings.simplefilter("ignore", anndata.OldFormatWarning)
+            return anndata.read_h5ad(path)
+    except Exception as exc:  # not HDF5, truncated, or not an AnnData: anndata raises many kinds
+        raise DataError(f"{path}: not a readable .h5ad ({_why(exc)}); re-copy or re-write the file") from None
+
+
+def _from_h5mu(path, label_key, batch_key, layer):
+    """The rna modality (else the first) of a MuData file, with at most one more as mod2."""
+    import mudata  # only .h5mu files need it
+
+    try:
+        with mudata.set_options(pull_on_update=False):  # read the modalities as stored
+            mdata = mudata.read_h5mu(path)
+    except Exception as exc:  # not HDF5, truncated, or not a MuData
+        raise DataError(f"{path}: not a readable .h5mu ({_why(exc)}); re-copy or re-write the file") from None
+    names = list(mdata.mod)
+    if not names:
+        raise DataError(f"{path}: holds no modality; write the RNA counts as a modality named 'rna'")
+    first = "rna" if "rna" in names else names[0]
+    others = [n for n in names if n != first]
+    if len(others) > 1:
+        raise DataError(f"{path}: holds {len(names)} modalities ({', '.join(names)}); load_dataset takes the rna "
+                        "modality and at most one more: write a MuData with two")
+    # MuData-wide obs columns (not the 'mod:column' copies of a modality's own)
+    prefixes = tuple(f"{n}:" for n in names)
+    shared = mdata.obs[[c for c in mdata.obs.columns if not str(c).startswith(prefixes)]]
+    mod2 = None
+    if others:
+        other = others[0]
+        mod2 = (mdata.mod[other], _modality(other, path), f"{path} (modality {other!r})", (first, other))
+    rna = mdata.mod[first]
+    return _from_anndata(rna, path, label_key, batch_key, layer, mod2, shared.reindex(rna.obs_names))
+
+
+def _modality(name, path):
+    low = name.lower()
+    kind = next((kind for part, kind in MODALITIES if part in low), None)
+    if kind is None:
+        raise DataError(f"{path}: cannot tell what modality {name!r} holds (a name with 'prot' or 'adt' is ADT, "
+                        "with 'atac' ATAC); rename it")
+    return kind
+
+
+def _from_anndata(rna, path, label_key, batch_key, layer, mod2=None, extra_obs=None):
+    """Counts, obs and var of ``rna`` (N, M), plus ``mod2 = (AnnData, kind, path, names)``.
+
+    ``extra_obs``: obs columns (rows in ``rna`` order) added where ``rna.obs`` lacks them.
+    """
+    adata = anndata.AnnData(X=_counts(rna, layer, path), obs=rna.obs.copy(), var=rna.var.copy())
+    if extra_obs is not None:
+        _add_obs(adata, extra_obs)
+    if mod2 is not None:
+        other, kind, other_path, names = mod2
+        other = _same_cells(adata.obs_names, other, names, path)
+        adata.obsm["mod2"] = _counts(other, layer, other_path).toarray()  # (N, M2)
+        adata.uns["mod2"] = {"modality": kind, "features": [str(f) for f in other.var_names],
+                             "path": str(other_path)}
+        _add_obs(adata, other.obs)
+    label_key = _label_key(adata.obs, label_key, path)
+    batch_key = _batch_key(adata.obs, batch_key, path)
+    return _finish(adata, path, label_key, f"--label-key {label_key!r}", batch_key)
+
+
+def _add_obs(adata, obs):
+    for column in obs.columns:
+        if column not in adata.obs.columns:
+            adata.obs[column] = obs[column].values  # rows already in adata's order; keeps categoricals
+
+
+def _same_cells(cells, other, names, path):
+    """``other`` with its rows in the order of ``cells`` (matched by name); else one DataError."""
+    theirs = other.obs_names
+    if theirs.equals(cells):
+        return other
+    if len(theirs) == len(cells) and theirs.is_unique and cells.is_unique and theirs.isin(cells).all():
+        return other[cells]  # the same cells in another order
+    n = min(len(cells), len(theirs))
+    diff = np.flatnonzero(cells[:n].to_numpy() != theirs[:n].to_numpy())
+    i = int(diff[0]) if diff.size else n
+    mine = repr(cells[i]) if i < len(cells) else "nothing"
+    yours = repr(theirs[i]) if i < len(theirs) else "nothing"
+    raise DataError(f"{path}: the {names[0]} and {names[1]} modalities hold different cells ({len(cells)} vs "
+                    f"{len(theirs)}; first differing at row {i}: {mine} in {names[0]}, {yours} in {names[1]}); "
+                    "both must hold the same cells")
+
+
+def _label_key(obs, key, path):
+    if key is not None:
+        if key not in obs.columns:
+            raise DataError(f"{path}: no obs column {key!r} for --label-key (obs has "
+                            f"{_few(obs.columns, 8) or 'no columns'}); pass one of them")
+        return key
+    key = next((k for k in LABEL_KEYS if k in obs.columns), None)
+    if key is None:
+        raise DataError(f"{path}: no label column (looked for {', '.join(LABEL_KEYS)}; obs has "
+                        f"{_few(obs.columns, 8) or 'no columns'}); pass --label-key COLUMN")
+    return key
+
+
+def _batch_key(obs, key, path):
+    if key is None:
+        return BATCH_KEY if BATCH_KEY in obs.columns else None
+    if key not in obs.columns:
+        raise DataError(f"{path}: no obs column {key!r} for --batch-key (obs has "
+                        f"{_few(obs.columns, 8) or 'no columns'}); pass one of them or leave --batch-key out")
+    return key
+
+
+def _counts(adata, layer, path):
+    """The raw counts of ``adata``, from ``X`` or ``layers[layer]``, checked: CSR float32 (N, M)."""
+    if layer is not None and layer not in adata.layers:
+        raise DataError(f"{path}: no layer {layer!r} for --layer (layers: {_few(adata.layers, 8) or 'none'}); "
+                        "pass one of them, or leave --layer out to read X")
+    if layer != COUNTS_LAYER and COUNTS_LAYER in adata.layers:
+        fix = f"pass --layer {COUNTS_LAYER}"
+    elif len(adata.layers):
+        fix = f"pass --layer with the layer of raw counts (layers: {_few(adata.layers, 8)})"
+    else:
+        fix = "the models need raw counts: re-write the file with them in X or a layer"
+    where, matrix = ("X", adata.X) if layer is None else (f"layers[{layer!r}]", adata.layers[layer])
+    if matrix is None:
+        raise DataError(f"{path}: the file stores no X; {fix}")
+    return _checked_counts(matrix, path, where, adata.obs_names, adata.var_names, fix)
+
+
+def _checked_counts(matrix, path, where, cells, features, fix):
+    """``matrix`` (N, M) as CSR float32 after `count_problem`'s checks on its stored entries."""
+    if not sp.issparse(matrix):
+        matrix = np.asarray(matrix)
+    if matrix.dtype.kind not in "biuf":
+        raise DataError(f"{path}: {where} holds {matrix.dtype} values, not numbers; {fix}")
+    X = sp.csr_matrix(matrix)
+    values, problem = count_problem(pd.DataFrame({"count": X.data}))
+    if problem is not None:
+        kind, n, k, _ = problem
+        i = int(np.searchsorted(X.indptr, k, side="right")) - 1  # the row of stored entry k
+        what = "normalized values" if kind == "non-integer" else f"{kind} values"
+        raise DataError(f"{path}: {where} holds {what} ({n} entries, e.g. {values[k, 0]:g} at cell {cells[i]!r}, "
+                        f"feature {features[X.indices[k]]!r}), not raw counts; {fix}")
+    return X.astype(np.float32)
+
+
+def _as_str(values):
+    """Labels or batches as str; integral floats (``Y`` codes stored as 1.0) print as ``'1'``."""
+    arr = pd.Series(values).to_numpy()
+    if arr.dtype.kind == "S":
+        arr = np.char.decode(arr, "utf-8")
+    elif arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
+        arr = arr.astype(np.int64)
+    return arr.astype(str)
+
+
+def _finish(adata, path, label_key, label_flag, batch_key):
+    """Move labels (and batch) to `LABEL_KEY` (`BATCH_KEY`), drop unlabelled and empty cells, check."""
+    missing = adata.obs[label_key].isna().to_numpy()
+    if missing.all():
+        raise DataError(f"{path}: {label_flag} is empty for every cell; pass the column that holds the labels")
+    if missing.any():
+        warnings.warn(f"{path}: dropping {int(missing.sum())} of {adata.n_obs} cell(s) without a label in "
+                      f"{label_flag}", DataWarning, stacklevel=4)
+        adata = adata[~missing].copy()
+    labels = _as_str(adata.obs[label_key])
+    batches = None
+    if batch_key is not None:
+        empty = adata.obs[batch_key].isna().to_numpy()
+        if empty.any():
+            raise DataError(f"{path}: --batch-key {batch_key!r} is empty for {int(empty.sum())} labelled cell(s); "
+                            "fill it in, or leave --batch-key out")
+        batches = _as_str(adata.obs[batch_key])
+    for column in {label_key, batch_key} - {None}:
+        del adata.obs[column]
+    adata.obs[LABEL_KEY] = pd.Categorical(labels)
+    if batches is not None:
+        adata.obs[BATCH_KEY] = pd.Categorical(batches)
+    adata = _drop_empty(adata, path, fix=_NEEDS_COUNTS)
+    for column in (LABEL_KEY, BATCH_KEY):
+        if column in adata.obs.columns:
+            adata.obs[column] = adata.obs[column].cat.remove_unused_categories()
+    classes = adata.obs[LABEL_KEY].cat.categories
+    if len(classes) < 2:
+        raise DataError(f"{path}: {label_flag} has one class ({classes[0]!r}); the metrics need at least 2")
+    return adata
+
+
+def _from_h5(path):
+    """An scDeepCluster .h5: ``X`` (N, M) counts, ``Y`` (N,) labels, optional ``ADT_X`` (N, P)."""
+    try:
+        with h5py.File(path, "r") as f:
+            keys = list(f.keys())
+            absent = [k for k in ("X", "Y") if not isinstance(f.get(k), h5py.Dataset)]
+            if absent:
+                raise DataError(f"{path}: not the scDeepCluster layout: no dataset {', '.join(absent)} (it has "
+                                f"{_few(keys, 8) or 'nothing'}); expected X (cells x genes counts) and Y (labels)")
+            X, Y = f["X"][()], f["Y"][()]
+            adt = f["ADT_X"][()] if "ADT_X" in f else None
+    except DataError:
+        raise
+    except Exception as exc:  # not HDF5 or truncated: h5py raises OSError, KeyError, ...
+        raise DataError(f"{path}: not a readable .h5 ({_why(exc)}); re-copy or re-write the file") from None
+    Y = np.asarray(Y)
+    if Y.ndim == 2 and 1 in Y.shape:
+        Y = Y.ravel()
+    if Y.ndim != 1:
+        raise DataError(f"{path}: Y has shape {Y.shape}; expected one label per cell")
+    n = Y.size
+    oriented = _cells_by_features(X, n, path, "X")
+    if oriented is None:
+        raise DataError(f"{path}: X is {' x '.join(map(str, np.shape(X)))} but Y has {n} labels; neither side of X "
+                        "matches: re-write the file with X cells x genes")
+    X = oriented
+    cells = pd.Index([f"cell{i}" for i in range(n)])
+    genes = pd.Index([f"gene{j}" for j in range(X.shape[1])])
+    fix = "the models need raw counts: re-write the file with them"
+    adata = anndata.AnnData(X=_checked_counts(X, path, "X", cells, genes, fix),
+                            obs=pd.DataFrame({"Y": Y}, index=cells), var=pd.DataFrame(index=genes))
+    if adt is not None:
+        oriented = _cells_by_features(adt, n, path, "ADT_X")
+        if oriented is None:
+            raise DataError(f"{path}: the rna and adt modalities hold different cells (X has {n} cells, ADT_X is "
+                            f"{' x '.join(map(str, np.shape(adt)))}); ADT_X needs one row per cell of X")
+        proteins = pd.Index([f"adt{j}" for j in range(oriented.shape[1])])
+        adata.obsm["mod2"] = _checked_counts(oriented, path, "ADT_X", cells, proteins, fix).toarray()  # (N, P)
+        adata.uns["mod2"] = {"modality": "ADT", "features": list(proteins), "path": str(path)}
+    return _finish(adata, path, "Y", "Y", None)
+
+
+def _cells_by_features(matrix, n, path, name):
+    """``matrix`` with one row per cell of the ``n`` labels, transposed if stored features x cells; None if
+    neither side has length ``n``. A square one is read as rows = cells (the layout's), with a warning."""
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2:
+        raise DataError(f"{path}: {name} has shape {matrix.shape}; expected a 2-D cells x features matrix")
+    rows, cols = matrix.shape
+    if rows == n and cols == n:
+        warnings.warn(f"{path}: {name} is square ({n} x {n}) and Y has {n} labels: reading its rows as cells, "
+                      "as the scDeepCluster layout stores them", DataWarning, stacklevel=4)
+    if rows == n:
+        return matrix
+    if cols == n:
+        return matrix.T  # stored features x cells: Y's length leaves no doubt
+    return None
