@@ -14,6 +14,8 @@ REGISTRY = {
     "nmf_psn": "models.nmf:NMFPoisson",
     "etm": "models.etm:CourseETM",
     "scetm": "models.scetm:SCETM",
+    "jae": "models.jae:JAE",
+    "pca_joint": "models.jae:PCAJoint",
 }
 
 
