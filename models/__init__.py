@@ -16,6 +16,7 @@ REGISTRY = {
     "scetm": "models.scetm:SCETM",
     "jae": "models.jae:JAE",
     "pca_joint": "models.jae:PCAJoint",
+    "scgpcl": "models.scgpcl:SCGPCL",
 }
 
 
