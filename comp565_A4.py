@@ -15,49 +15,53 @@ the embedding against the annotated cell types.
     Q8  top 5 genes of every topic (seaborn.heatmap)
 
 Run ``python comp565_A4.py --help`` for the options; the figures, tables and an AnnData with
-every embedding land in ``figures/``. ``--batch-correct`` answers Q4-Q8 with scETM's
+every embedding land in ``figures/``. ``--model scetm`` answers Q4-Q8 with scETM's
 batch-corrected decoder (``models/scetm.py``) instead of the course ETM.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-from concurrent.futures import ThreadPoolExecutor
 import sys
 import time
-import warnings
-from pathlib import Path
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
-import matplotlib
+from a4 import cli
 
-matplotlib.use("Agg")  # figures go to files; no display needed
-# scanpy imports the louvain package, which warns about its own dependencies when imported
-warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-warnings.filterwarnings("ignore", message="This package has been superseded by the `leidenalg` package")
+if __name__ == "__main__":  # --help and a bad flag answer at once, before the heavy imports below
+    ARGS = cli.parse_assignment_args(sys.argv[1:])
 
-import anndata  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scanpy as sc  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-import seaborn as sns  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
-from torch import optim  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+try:
+    import anndata
+    import matplotlib
+
+    matplotlib.use("Agg")  # figures go to files; no display needed
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+    import scanpy as sc
+    import scipy.sparse as sp
+    import seaborn as sns
+    import torch
+    import torch.nn.functional as F
+    from matplotlib.patches import Patch
+    from threadpoolctl import threadpool_limits
+    from torch import optim
+except ModuleNotFoundError as exc:  # the virtual environment is not active
+    if __name__ != "__main__":
+        raise
+    sys.exit(cli.missing_dependency(exc, "comp565_A4.py"))
 
 from a4.clustering import louvain_ari  # noqa: E402
-from a4.scoring import ARIScorer, available_cores, split_cores  # noqa: E402
-from a4.data import DataError, DataWarning, load_course_data  # noqa: E402
+from a4.data import DataError, load_course_data  # noqa: E402
 from a4.likelihoods import CSRCounts  # noqa: E402
-from a4.outputs import prepare_dir, save_figure, write_csv, write_h5ad, write_json  # noqa: E402
+from a4.outputs import prepare_dir, save_figure, write_csv, write_h5ad  # noqa: E402
+from a4.runtime import resolve_device, use_bf16  # noqa: E402
+from a4.scoring import ARIScorer, PerfRecorder, available_cores, split_cores  # noqa: E402
 from a4.sparse import sampled_product, with_values  # noqa: E402
+from a4.training import linear_warmup, seed_everything  # noqa: E402
 from etm import ETM  # noqa: E402
-from models.scetm import DEFAULT_ANNEAL, DEFAULT_KL_WARMUP, DEFAULT_LR, batch_codes, make_scetm  # noqa: E402
 
 K = 16  # topics / NMF rank
 # Guards the multiplicative updates' divisions: W'WH, W'1, H1' and WH are 0 only when a whole
@@ -103,65 +107,19 @@ def evaluate_ari(cell_embed, adata, seed=0):
     return louvain_ari(cell_embed, adata.obs["Celltype"].to_numpy(), seed=seed)
 
 
-class PerfRecorder:
-    """The ``perf`` table of a training loop: iteration, objective and ARI of the embedding.
-
-    The objective is kept every iteration; the embedding is scored with `evaluate_ari`'s
-    clustering every ``eval_every`` iterations and at the last one (by default every one),
-    and ``table()`` returns the scored rows. A non-finite objective stops training with an
-    error naming the stage and the iteration. The progress bar shows the objective and the
-    newest ARI.
-
-    Parameters
-    ----------
-    stage : str
-        Name in messages and on the progress bar.
-    objective : str
-        Name of the objective on the progress bar.
-    niter : int
-        Iterations of this run.
-    adata : anndata.AnnData
-        Cells with ``obs['Celltype']``.
-    scorer : a4.scoring.ARIScorer, optional
-        Default: scoring at once, in this process (Louvain seed 0).
-    start_iter : int
-        Number of the first iteration (a continued run).
-    eval_every : int
-        Score every this many iterations.
-    """
-
-    def __init__(self, stage, objective, niter, adata, scorer=None, start_iter=0, eval_every=1):
-        self.stage, self.objective = stage, objective
-        self.scorer = scorer if scorer is not None else ARIScorer(adata.obs["Celltype"].to_numpy())
-        self.start_iter, self.eval_every, self.niter = start_iter, eval_every, niter
-        self.rows = []  # (iteration, objective) of the scored iterations
-        self.bar = tqdm(range(niter), desc=stage, leave=False, dynamic_ncols=True)
-
-    def __iter__(self):
-        return iter(self.bar)
-
-    def record(self, i, objective, embed):
-        """Store iteration ``i``'s objective; score ``embed`` (N x K) if due."""
-        iteration = self.start_iter + i
-        if not np.isfinite(objective):
-            raise FloatingPointError(
-                f"{self.stage}: the objective became {objective} at iteration {iteration}; "
-                "check the data for extreme values or rerun with another --seed"
-            )
-        if (iteration + 1) % self.eval_every == 0 or i == self.niter - 1:
-            self.rows.append((iteration, objective))
-            self.scorer.submit((self.stage, iteration), embed)
-        self.bar.set_postfix({self.objective: f"{objective:.5g}", "ari": f"{self.scorer.latest:.3f}"})
-
-    def table(self):
-        """ndarray (scored iterations, 3): iteration, objective, ARI (waits for the scores)."""
-        perf = np.zeros((len(self.rows), 3))
-        perf[:, :2] = self.rows
-        perf[:, 2] = self.scorer.collect([(self.stage, int(it)) for it, _ in self.rows])
-        return perf
-
-
 # ------------------------------------------------------------------------------ Question 1
+
+
+def init_factors(n_genes, n_cells, seed=0, k=K):
+    """The NMF starting point: W, H uniform on [0, 1) from ``numpy.random.default_rng(seed)``.
+
+    Returns
+    -------
+    W : ndarray, shape (n_genes, k)
+    H : ndarray, shape (k, n_cells)
+    """
+    rng = np.random.default_rng(seed)
+    return rng.random((n_genes, k)), rng.random((k, n_cells))
 
 
 def nmf_sse(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
@@ -201,7 +159,7 @@ def nmf_sse(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
     W, H = W.astype(np.float64, copy=True), H.astype(np.float64, copy=True)
     M, N = X.shape
     X_sq = float(X.multiply(X).sum())  # ||X||^2
-    perf = PerfRecorder("NMF-SSE", "mse", niter, adata, scorer, start_iter, eval_every)
+    perf = PerfRecorder("NMF-SSE", "mse", niter, _labels(adata), scorer, start_iter, eval_every)
     for i in perf:
         H *= (X.T @ W).T / ((W.T @ W) @ H + EPS)  # (K, N)
         XHt = X @ H.T  # (M, K)
@@ -216,6 +174,11 @@ def nmf_sse(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
 def _as_csr(X):
     """X as a float64 CSR matrix (the NMF updates only read its non-zeros)."""
     return sp.csr_matrix(X, dtype=np.float64)
+
+
+def _labels(adata):
+    """The cell types the ARI is computed against, shape (N,)."""
+    return adata.obs["Celltype"].to_numpy()
 
 
 # ------------------------------------------------------------------------------ Question 2
@@ -283,7 +246,7 @@ def nmf_psn(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
     X = _as_csr(X)
     W, H = W.astype(np.float64, copy=True), H.astype(np.float64, copy=True)
     M, N = X.shape
-    perf = PerfRecorder("NMF-Poisson", "loglik", niter, adata, scorer, start_iter, eval_every)
+    perf = PerfRecorder("NMF-Poisson", "loglik", niter, _labels(adata), scorer, start_iter, eval_every)
     WH = np.maximum(sampled_product(X, W, H), EPS)  # (nnz,): WH where X != 0
     for i in perf:
         Q = with_values(X, X.data / WH)  # X / WH, (M, N) sparse
@@ -300,17 +263,27 @@ def nmf_psn(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
 # ------------------------------------------------------------------------------ Question 4
 
 
+def build_etm(vocab_size, device="cpu"):
+    """The assignment's ETM: K = 16 topics, hidden 256, rho 256, relu, dropout 0.5."""
+    return ETM(num_topics=K, vocab_size=vocab_size, t_hidden_size=256, rho_size=256, theta_act="relu",
+               embeddings=None, train_embeddings=True, enc_drop=0.5).to(device)
+
+
+# The course's notebook keeps one global Adam for its model; here, one per model, made on first use.
+_OPTIMIZERS = weakref.WeakKeyDictionary()
+
+
 def assignment_optimizer(model):
-    """The assignment's Adam (lr 1e-3, weight decay 1.2e-6), made once per model.
+    """The assignment's Adam for ``model`` (lr 1e-3, weight decay 1.2e-6), made once per model.
 
     ``fused=True`` runs the same update as one kernel per parameter group (4x faster on CPU).
     """
-    if getattr(model, "optimizer", None) is None:
-        model.optimizer = optim.Adam(model.parameters(), lr=1e-3, weight_decay=1.2e-6, fused=True)
-    return model.optimizer
+    if model not in _OPTIMIZERS:
+        _OPTIMIZERS[model] = optim.Adam(model.parameters(), lr=1e-3, weight_decay=1.2e-6, fused=True)
+    return _OPTIMIZERS[model]
 
 
-def train_scETM_helper(model, X_tensor, X_tensor_normalized):
+def train_scETM_helper(model, X_tensor, X_tensor_normalized, optimizer=None, kl_weight=1.0):
     """One full-batch step of Adam on the negative ELBO (provided by the assignment).
 
     Parameters
@@ -320,19 +293,23 @@ def train_scETM_helper(model, X_tensor, X_tensor_normalized):
         Raw counts.
     X_tensor_normalized : Tensor, shape (N, M)
         Counts divided by each cell's total.
+    optimizer : torch.optim.Optimizer, optional
+        Default: the assignment's Adam (`assignment_optimizer`).
+    kl_weight : float
+        Weight of the KL term (1: the ELBO; below 1 during a KL warm-up).
 
     Returns
     -------
     float
-        The negative ELBO before the step.
+        The (weighted) negative ELBO before the step.
     """
-    optimizer = assignment_optimizer(model)
+    optimizer = optimizer if optimizer is not None else assignment_optimizer(model)
     model.train()
     optimizer.zero_grad()
     model.zero_grad()
 
     nll, kl_theta = model(X_tensor, X_tensor_normalized)
-    loss = nll + kl_theta
+    loss = nll + kl_weight * kl_theta
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)  # clip gradients to norm 2
     optimizer.step()
@@ -350,7 +327,7 @@ def get_theta(model, input_x):
 
 
 def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=None, eval_every=1,
-                batch_size=None):
+                batch_size=None, optimizer=None, kl_weight=None, desc="scETM"):
     """Train the ETM for ``niter`` full-batch steps, scoring theta after every step.
 
     Parameters
@@ -372,6 +349,13 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
         None (the assignment): every iteration is one step on all cells. Otherwise every
         iteration is one epoch: a step on each of the shuffled minibatches of this many cells
         (for data sets too large for full-batch steps); the NELBO is then the epoch's mean.
+    optimizer : torch.optim.Optimizer, optional
+        Default: the assignment's Adam (`assignment_optimizer`).
+    kl_weight : callable, optional
+        ``iteration -> weight`` of the KL term (a warm-up, `a4.training.linear_warmup`);
+        default 1 throughout, the assignment's ELBO.
+    desc : str
+        Name on the progress bar and in error messages.
 
     Returns
     -------
@@ -379,15 +363,16 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
     perf : ndarray, shape (niter, 3)
         One row per scored step: iteration, negative ELBO, ARI of theta.
     """
-    perf = PerfRecorder("scETM", "nelbo", niter, adata, scorer, eval_every=eval_every)
+    perf = PerfRecorder(desc, "nelbo", niter, _labels(adata), scorer, eval_every=eval_every)
     n_cells = X_tensor_normalized.shape[0]
     for i in perf:
+        weight = 1.0 if kl_weight is None else kl_weight(i)
         if batch_size is None or batch_size >= n_cells:
-            nelbo = train_scETM_helper(model, X_tensor, X_tensor_normalized)
+            nelbo = train_scETM_helper(model, X_tensor, X_tensor_normalized, optimizer, weight)
         else:
             batches = torch.randperm(n_cells).split(batch_size)
-            nelbo = float(np.mean([train_scETM_helper(model, _rows(X_tensor, b), X_tensor_normalized[b])
-                                   for b in batches]))
+            nelbo = float(np.mean([train_scETM_helper(model, _rows(X_tensor, b), X_tensor_normalized[b],
+                                                      optimizer, weight) for b in batches]))
         theta = get_theta(model, X_tensor_normalized)  # (N, K)
         perf.record(i, nelbo, theta.cpu().numpy())
     return model, perf.table()
@@ -561,157 +546,33 @@ def alpha_topic(theta, cell_types, beta, genes, n_top=5):
 # ------------------------------------------------------------------------------ main
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_args(argv=None):
-    parser = _Parser(
-        prog="comp565_A4.py",
-        description="COMP 565 A4: NMF and the embedded topic model on Mouse Pancreas single cells.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--data-dir", default=os.environ.get("COMP565_DATA_DIR", "data"),
-                        help="the course's data folder (default: $COMP565_DATA_DIR, else data)")
-    parser.add_argument("--figures-dir", default="figures", help="where figures, tables and results go")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
-                        help="seeds numpy (NMF initialization), torch (ETM) and Louvain")
-    parser.add_argument("--niter-nmf", type=_positive_int, default=100, help="NMF iterations, Q1 and Q3")
-    parser.add_argument("--niter-etm", type=_positive_int, default=1000, help="ETM steps, Q4")
-    parser.add_argument("--niter-long", type=_positive_int, default=1000,
-                        help="NMF-Poisson iterations for the comparison with the ETM, Q5")
-    parser.add_argument("--eval-every", type=_positive_int, default=1,
-                        help="score the ARI every this many iterations (and at the last); the perf "
-                             "tables then hold the scored iterations only (for large data)")
-    parser.add_argument("--etm-batch-size", type=_positive_int, default=None,
-                        help="train the ETM on minibatches of this many cells, one epoch per "
-                             "iteration (default: all cells at once, as the assignment does)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 5 NMF, 20 ETM and 20 long NMF-Poisson iterations")
-    parser.add_argument("--device", default="auto",
-                        help="torch device for the ETM: auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--jobs", type=_non_negative_int, default=None,
-                        help="worker processes scoring the ARI while training goes on; 0 scores in "
-                             "the main process (default: one per CPU core)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="threads for training (torch, BLAS, OpenMP) (default: all cores with "
-                             "--jobs 0, else a quarter of them, at least 1)")
-    parser.add_argument("--download", nargs="?", const="geo", default=None, metavar="SOURCE",
-                        help="first build the data folder (--data-dir) from GEO GSE84133: SOURCE is "
-                             "'geo' (the default, over the network), another base URL, or a local "
-                             "folder holding the two GSM2230761/GSM2230762 count CSVs")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="the ETM encoder's first layer (the one large matrix product) in "
-                             "bfloat16 or float32; auto: bf16 where the hardware computes it "
-                             "natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32")
-    parser.add_argument("--batch-correct", action="store_true",
-                        help="Q4-Q8 with scETM's batch-corrected decoder (models/scetm.py: a gene "
-                             "bias per mouse, logits mixed in topic space) instead of the course ETM")
-    parser.add_argument("--scetm-lr", type=_positive_float, default=DEFAULT_LR,
-                        help="with --batch-correct: Adam learning rate")
-    parser.add_argument("--scetm-anneal", type=_positive_int, default=DEFAULT_ANNEAL,
-                        help="with --batch-correct: cosine-anneal the learning rate to 0 over this "
-                             "many steps (default: constant)")
-    parser.add_argument("--scetm-kl-warmup", type=_non_negative_int, default=DEFAULT_KL_WARMUP,
-                        help="with --batch-correct: steps over which the KL weight rises from 0 to 1")
-    args = parser.parse_args(argv)
-    if args.batch_correct and args.etm_batch_size is not None:
-        parser.error("argument --etm-batch-size: the batch-corrected model trains on all cells at "
-                     "once; drop --etm-batch-size or --batch-correct")
-    if args.quick:
-        args.niter_nmf, args.niter_etm, args.niter_long = 5, 20, 20
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.precision == "auto":
-        args.precision = "bf16" if native_bf16(args.device) else "fp32"
-    default_jobs, default_threads = split_cores()
-    if args.jobs is None:
-        args.jobs = default_jobs
-    if args.threads is None:
-        args.threads = default_threads if args.jobs > 0 else available_cores()
-    return args
-
-
-def resolve_device(name):
-    """A torch.device from --device; ValueError with the fix when unusable."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(f"argument --device: {name} asked for, but torch sees no CUDA GPU; "
-                             "use --device cpu or auto")
-        index = int(name[5:]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"argument --device: {name} does not exist ({torch.cuda.device_count()} "
-                             "GPU(s)); use cuda:0")
-        return torch.device(name)
-    raise ValueError(f"argument --device: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-
-
-def native_bf16(device):
-    """Whether ``device`` multiplies bfloat16 matrices in hardware (else bf16 is emulated, slow)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: no way to tell cheaply, stay exact
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
-
-
-def seed_everything(seed):
-    """One seed for numpy, Python's random and torch (Louvain gets it per call)."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def perf_frame(perf, objective):
     return pd.DataFrame({"iter": perf[:, 0].astype(int), objective: perf[:, 1], "ari": perf[:, 2]})
 
 
+def make_etm_model(args, adata):
+    """The model of Q4-Q8 (``--model``), with its optimizer and KL-weight schedule.
+
+    Returns
+    -------
+    model : etm.ETM or models.scetm.BatchETM
+    optimizer : torch.optim.Optimizer or None
+        None: the assignment's Adam.
+    kl_weight : callable or None
+        None: the ELBO's weight 1 throughout.
+    """
+    if args.model == "etm":
+        return build_etm(adata.n_vars, args.device), None, None
+    from models.scetm import BatchETM, SCETMConfig, batch_codes
+
+    cfg = SCETMConfig()
+    model = BatchETM(adata.n_vars, batch_codes(adata.obs["batch"]), num_topics=cfg.num_topics).to(args.device)
+    optimizer = optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, optimizer, linear_warmup(cfg.kl_warmup)
+
+
 def run(args, progress):
     """The eight questions in order; ``progress`` records finished stages and timings."""
-    t_start = time.perf_counter()
     if args.download is not None:
         from a4.download import build_course_folder
 
@@ -730,8 +591,7 @@ def run(args, progress):
 
     # workers first: they fork before torch has started any thread pool
     with ARIScorer(cell_types, seed=args.seed, n_workers=args.jobs) as scorer:
-        rng = np.random.default_rng(args.seed)
-        W_init, H_init = rng.random((M, K)), rng.random((K, N))
+        W_init, H_init = init_factors(M, N, args.seed)
 
         # Q1 + Q2
         t0 = time.perf_counter()
@@ -754,16 +614,11 @@ def run(args, progress):
         # Q4
         t0 = time.perf_counter()
         X_tensor, X_tensor_normalized = normalized_counts(adata, args.device)
-        if args.batch_correct:  # scETM with a gene bias per mouse (issue 4; README "Results")
-            model = make_scetm(M, batch_codes(adata.obs["batch"]), lr=args.scetm_lr,
-                               anneal_steps=args.scetm_anneal, kl_warmup=args.scetm_kl_warmup)
-            model = model.to(args.device)
-        else:
-            model = ETM(num_topics=K, vocab_size=M, t_hidden_size=256, rho_size=256, theta_act="relu",
-                        embeddings=None, train_embeddings=True, enc_drop=0.5).to(args.device)
+        model, optimizer, kl_weight = make_etm_model(args, adata)
         model.set_encoder_bf16(args.precision == "bf16")
         model, perf_etm = train_scETM(model, X_tensor, X_tensor_normalized, adata, args.niter_etm, scorer,
-                                      eval_every=every, batch_size=args.etm_batch_size)
+                                      eval_every=every, batch_size=args.etm_batch_size,
+                                      optimizer=optimizer, kl_weight=kl_weight)
         seconds = time.perf_counter() - t0
         write_csv(perf_frame(perf_etm, "nelbo"), fig_dir / "perf_scETM.csv")
         monitor_perf(perf_etm, "NELBO", fig_dir / "scETM_train.eps")
@@ -810,110 +665,62 @@ def run(args, progress):
                       "etm": perf_etm[-1, 2], "nmf_psn_1000": perf_long[-1, 2]},
         "alpha_topic": alpha_topic(theta, cell_types, beta, genes),
     })
-    adata.uns["summary"] = {k: v for k, v in progress.summary.items() if k != "alpha_topic"}
+    adata.uns["summary"] = cli.jsonable({k: v for k, v in progress.summary.items() if k != "alpha_topic"})
     write_h5ad(adata, fig_dir / "mp_results.h5ad")
-    progress.total = time.perf_counter() - t_start
     return progress.summary
 
 
-class Progress:
-    """Which stages finished, and how long each took: the body of summary.json."""
+def _scetm_summary():
+    from dataclasses import asdict
 
-    def __init__(self, args):
-        self.summary = {
-            "seed": args.seed,
-            "iterations": {"nmf_sse": args.niter_nmf, "nmf_psn": args.niter_nmf,
-                           "etm": args.niter_etm, "nmf_psn_1000": args.niter_long},
-            "eval_every": args.eval_every,
-            "device": str(args.device),
-            "precision": args.precision,
-            "etm_model": (
-                {"name": "scETM, batch-corrected", "lr": args.scetm_lr, "anneal_steps": args.scetm_anneal,
-                 "kl_warmup": args.scetm_kl_warmup} if args.batch_correct else {"name": "ETM (course)"}
-            ),
-            "stages_finished": [],
-            "wall_seconds": {},
-        }
-        self.total = None
+    from models.scetm import SCETMConfig
 
-    def stage(self, name, seconds, perf=None):
-        """Record a finished stage and print one line about it."""
-        self.summary["stages_finished"].append(name)
-        self.summary["wall_seconds"][name] = round(seconds, 3)
-        line = f"{name}: {seconds:.1f} s"
-        if perf is not None:
-            line += f", {int(perf[-1, 0]) + 1} iterations, objective {perf[-1, 1]:.5g}, ARI {perf[-1, 2]:.3f}"
-        tqdm.write(line)
+    return {"name": "scETM, batch-corrected", **asdict(SCETMConfig())}
 
 
-def quiet_known_warnings():
-    """Silence library notices that say nothing about this run's results."""
-    for message in (
-        "Sparse CSR tensor support is in beta state",  # torch, on every CSR tensor
-        "Sparse invariant checks are implicitly disabled",
-        "In previous versions of scanpy, calling tsne with n_jobs",
-        "Clustering large matrix with scipy",  # seaborn suggests fastcluster
-    ):
-        warnings.filterwarnings("ignore", message=message)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    # data notices (dropped empty cells/genes) as one plain line
-    default_format = warnings.formatwarning
-
-    def one_line(message, category, *args, **kwargs):
-        if issubclass(category, DataWarning):
-            return f"comp565_A4.py: warning: {message}\n"
-        return default_format(message, category, *args, **kwargs)
-
-    warnings.formatwarning = one_line
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    quiet_known_warnings()
+def main(argv=None, args=None):
+    """Run the assignment; returns the exit code (0, 1 numerical or output error, 2 bad input, 130 Ctrl-C)."""
+    args = args if args is not None else cli.parse_assignment_args(argv)
+    cli.quiet_known_warnings("comp565_A4.py")
     sc.settings.verbosity = 0
-    progress = Progress(args)
-    t0 = time.perf_counter()
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        sys.stderr.write(f"comp565_A4.py: error: {exc} (see --help)\n")
+        return 2
+    args.precision = "bf16" if use_bf16(args.precision, args.device) else "fp32"
+    default_jobs, default_threads = split_cores()
+    args.jobs = default_jobs if args.jobs is None else args.jobs
+    args.threads = args.threads or (default_threads if args.jobs > 0 else available_cores())
+    progress = cli.Progress({
+        "seed": args.seed,
+        "iterations": {"nmf_sse": args.niter_nmf, "nmf_psn": args.niter_nmf,
+                       "etm": args.niter_etm, "nmf_psn_1000": args.niter_long},
+        "eval_every": args.eval_every,
+        "device": str(args.device),
+        "precision": args.precision,
+        "etm_model": {"name": "ETM (course)"} if args.model == "etm" else _scetm_summary(),
+    })
+    summary_path = os.path.join(args.figures_dir, "summary.json")
     try:
         summary = run(args, progress)
     except KeyboardInterrupt:
         done = ", ".join(progress.summary["stages_finished"]) or "none"
-        _write_partial_summary(args, progress, t0, interrupted=True)
+        if os.path.isdir(args.figures_dir):
+            progress.write(summary_path, interrupted=True)
         sys.stderr.write(f"\ninterrupted; finished stages: {done} (their files are complete)\n")
         return 130
     except (DataError, OSError, FloatingPointError, RuntimeError) as exc:  # NotADirectoryError is an OSError
         if progress.summary["stages_finished"]:
-            _write_partial_summary(args, progress, t0, interrupted=False, error=str(exc))
+            progress.write(summary_path, interrupted=False, error=str(exc))
         sys.stderr.write(f"comp565_A4.py: error: {exc}\n")
         return 1 if not isinstance(exc, DataError) else 2
-    summary["wall_seconds"]["total"] = round(time.perf_counter() - t0, 3)
-    write_json(_jsonable(summary), Path(args.figures_dir) / "summary.json")
+    summary = progress.write(summary_path)
     ari = summary["final_ari"]
     print("final ARI: " + ", ".join(f"{k} {v:.3f}" for k, v in ari.items())
           + f"; total {summary['wall_seconds']['total']:.1f} s; outputs in {args.figures_dir}/")
     return 0
 
 
-def _write_partial_summary(args, progress, t0, interrupted, error=None):
-    """summary.json for a run that stopped early: it says which stages finished."""
-    fig_dir = Path(args.figures_dir)
-    if not fig_dir.is_dir():
-        return
-    summary = dict(progress.summary, interrupted=interrupted)
-    if error:
-        summary["error"] = error
-    summary["wall_seconds"] = dict(summary["wall_seconds"], total=round(time.perf_counter() - t0, 3))
-    write_json(_jsonable(summary), fig_dir / "summary.json")
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return obj.item()
-    return obj
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(args=ARGS))

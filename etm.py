@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from a4.likelihoods import LOG_EPS, categorical_nll, gaussian_kl
+from a4.likelihoods import categorical_nll, gaussian_kl
 
 
 class EncoderLinear(nn.Linear):
@@ -27,28 +27,21 @@ class EncoderLinear(nn.Linear):
 
     The first encoder layer multiplies the N x M normalized counts by an M x H weight:
     in bfloat16 it runs several times faster on CPUs with AVX512-BF16/AMX and on GPUs. The
-    input, which is the same every step, is converted once and kept (`prepared`). Subclasses
-    may transform the input first (`transform`); the transformed copy is kept the same way.
+    input, which is the same every step, is converted once and kept (`prepared`).
     """
 
     bf16 = False
-    transforms_input = False  # True in subclasses whose `transform` is not the identity
-
-    def transform(self, x):
-        """The input as the layer multiplies it, shape (N, M): here ``x`` itself."""
-        return x
 
     def prepared(self, x):
-        """``transform(x)``, in bfloat16 with ``bf16``, made once per input tensor and version."""
-        if not self.bf16 and not self.transforms_input:
+        """``x`` in bfloat16 with ``bf16`` (converted once per input tensor and version), else ``x``."""
+        if not self.bf16:
             return x
         assert not x.requires_grad, "the encoder input is data; it must not require a gradient"
         cached = getattr(self, "_prepared", None)
-        if cached is None or cached[0] is not x or cached[1] != x._version or cached[2] != self.bf16:
-            z = self.transform(x.detach())  # (N, M)
-            cached = (x, x._version, self.bf16, z.to(torch.bfloat16) if self.bf16 else z)
+        if cached is None or cached[0] is not x or cached[1] != x._version:
+            cached = (x, x._version, x.detach().to(torch.bfloat16))
             self._prepared = cached
-        return cached[3]
+        return cached[2]
 
     def forward(self, x):
         z = self.prepared(x)  # (N, M)
@@ -180,11 +173,7 @@ class ETM(nn.Module):
         z = self.reparameterize(mu_theta, logsigma_theta)
         return F.softmax(z, dim=-1), kld_theta
 
-    def decode(self, theta, beta):
-        """log(theta @ beta + eps), shape (N, M): per-cell log-probabilities of the genes."""
-        return torch.log(torch.mm(theta, beta) + LOG_EPS)
-
-    def forward(self, bows, normalized_bows, theta=None, aggregate=True):
+    def forward(self, bows, normalized_bows):
         """Negative ELBO terms.
 
         Parameters
@@ -193,22 +182,13 @@ class ETM(nn.Module):
             Raw counts.
         normalized_bows : Tensor, shape (N, M)
             Counts divided by each cell's total (the encoder input).
-        theta : Tensor, shape (N, K), optional
-            Use these topic proportions instead of encoding (no KL term then).
-        aggregate : bool
-            Mean the reconstruction loss over cells (else one value per cell; dense only).
 
         Returns
         -------
         nll : Tensor
             Reconstruction loss, mean over cells.
-        kl_theta : Tensor or None
+        kl_theta : Tensor
             KL term, mean over cells.
         """
-        kld_theta = None
-        if theta is None:
-            theta, kld_theta = self.get_theta(normalized_bows)
-        beta = self.get_beta()
-        if aggregate:
-            return categorical_nll(theta, beta, bows), kld_theta
-        return -(self.decode(theta, beta) * bows).sum(1), kld_theta
+        theta, kld_theta = self.get_theta(normalized_bows)
+        return categorical_nll(theta, self.get_beta(), bows), kld_theta

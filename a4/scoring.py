@@ -2,7 +2,7 @@
 
 Every iteration of every model is scored by `a4.clustering.louvain_ari` (kNN + Louvain, about
 two thirds of a run's CPU work). `ARIScorer` hands the embeddings to worker processes, one per
-core, so training never waits for a score; `NoScorer` scores nothing (timing, tests).
+core, so training never waits for a score; `NoScorer` scores nothing (training alone); `PerfRecorder` keeps a loop's perf table.
 The metric itself lives in `a4.clustering`; this module only schedules it.
 """
 
@@ -179,7 +179,7 @@ class ARIScorer:
 
 
 class NoScorer:
-    """A scorer that scores nothing: for timing or testing the training alone.
+    """A scorer that scores nothing: training alone (the registry's adapters, timings, tests).
 
     ``collect`` returns zeros; the perf tables it yields have no ARI.
     """
@@ -210,3 +210,63 @@ def split_cores(cores=None):
     """
     cores = available_cores() if cores is None else cores
     return cores, max(1, cores // 4)
+
+
+class PerfRecorder:
+    """The ``perf`` table of a training loop: iteration, objective and ARI of the embedding.
+
+    The objective is kept every iteration; the embedding is scored with the assignment's
+    clustering every ``eval_every`` iterations and at the last one (by default every one),
+    and ``table()`` returns the scored rows. A non-finite objective stops training with an
+    error naming the stage and the iteration. The progress bar shows the objective and the
+    newest ARI.
+
+    Parameters
+    ----------
+    stage : str
+        Name in messages and on the progress bar.
+    objective : str
+        Name of the objective on the progress bar.
+    niter : int
+        Iterations of this run.
+    true_labels : array-like, shape (N,)
+        Cell types, for the default scorer.
+    scorer : ARIScorer or NoScorer, optional
+        Default: scoring at once, in this process (Louvain seed 0).
+    start_iter : int
+        Number of the first iteration (a continued run).
+    eval_every : int
+        Score every this many iterations.
+    """
+
+    def __init__(self, stage, objective, niter, true_labels, scorer=None, start_iter=0, eval_every=1):
+        from tqdm.auto import tqdm
+
+        self.stage, self.objective = stage, objective
+        self.scorer = scorer if scorer is not None else ARIScorer(true_labels)
+        self.start_iter, self.eval_every, self.niter = start_iter, eval_every, niter
+        self.rows = []  # (iteration, objective) of the scored iterations
+        self.bar = tqdm(range(niter), desc=stage, leave=False, dynamic_ncols=True)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def record(self, i, objective, embed):
+        """Store iteration ``i``'s objective; score ``embed`` (N x K) if due."""
+        iteration = self.start_iter + i
+        if not np.isfinite(objective):
+            raise FloatingPointError(
+                f"{self.stage}: the objective became {objective} at iteration {iteration}; "
+                "check the data for extreme values or rerun with another --seed"
+            )
+        if (iteration + 1) % self.eval_every == 0 or i == self.niter - 1:
+            self.rows.append((iteration, objective))
+            self.scorer.submit((self.stage, iteration), embed)
+        self.bar.set_postfix({self.objective: f"{objective:.5g}", "ari": f"{self.scorer.latest:.3f}"})
+
+    def table(self):
+        """ndarray (scored iterations, 3): iteration, objective, ARI (waits for the scores)."""
+        perf = np.zeros((len(self.rows), 3))
+        perf[:, :2] = self.rows
+        perf[:, 2] = self.scorer.collect([(self.stage, int(it)) for it, _ in self.rows])
+        return perf

@@ -25,12 +25,14 @@ import torch  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
 
 import comp565_A4  # noqa: E402
+from a4.cli import quiet_known_warnings  # noqa: E402
 from a4.scoring import ARIScorer, split_cores  # noqa: E402
+from a4.training import seed_everything  # noqa: E402
 
 
 def curve(adata, counts, normalized, seed, bf16, niter, scorer):
-    comp565_A4.seed_everything(seed)
-    model = comp565_A4.ETM(16, adata.n_vars, 256, 256, "relu", embeddings=None, train_embeddings=True, enc_drop=0.5)
+    seed_everything(seed)
+    model = comp565_A4.build_etm(adata.n_vars)
     model.set_encoder_bf16(bf16)
     _, perf = comp565_A4.train_scETM(model, counts, normalized, adata, niter, scorer)
     return perf
@@ -49,7 +51,7 @@ def main(argv=None):
     parser.add_argument("--niter", type=int, default=1000)
     parser.add_argument("--out", help="save the curves (npz)")
     args = parser.parse_args(argv)
-    comp565_A4.quiet_known_warnings()
+    quiet_known_warnings("precision.py")
     adata = comp565_A4.load_data(args.data_dir)
     counts, normalized = comp565_A4.normalized_counts(adata)
     jobs, threads = split_cores()

@@ -18,7 +18,6 @@ from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
 import comp565_A4
-from etm import ETM
 
 
 def evaluate_ari(cell_embed, adata):
@@ -58,17 +57,22 @@ def nmf_psn_step(X, W, H):
 
 
 def course_etm(n_genes, seed=0):
-    """The course's ETM: our module with nn.Dropout and the assignment's plain Adam."""
+    """The course's ETM: our module with nn.Dropout, and the assignment's plain (unfused) Adam.
+
+    Returns
+    -------
+    model : etm.ETM
+    optimizer : torch.optim.Adam
+    """
     torch.manual_seed(seed)
-    model = ETM(16, n_genes, 256, 256, "relu", embeddings=None, train_embeddings=True, enc_drop=0.5)
+    model = comp565_A4.build_etm(n_genes)
     model.t_drop = nn.Dropout(0.5)
-    model.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1.2e-6)
-    return model
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1.2e-6)
 
 
-def etm_step(model, X_dense, X_normalized):
+def etm_step(model, optimizer, X_dense, X_normalized):
     """One full-batch step and theta, with the dense likelihood log(theta @ beta + 1e-6)."""
-    nelbo = comp565_A4.train_scETM_helper(model, X_dense, X_normalized)
+    nelbo = comp565_A4.train_scETM_helper(model, X_dense, X_normalized, optimizer)
     return nelbo, comp565_A4.get_theta(model, X_normalized)
 
 

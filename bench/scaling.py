@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 import comp565_A4  # noqa: E402
 from a4 import clustering  # noqa: E402
+from a4.cli import quiet_known_warnings  # noqa: E402
 from a4.scoring import NoScorer, available_cores  # noqa: E402
 from bench.bench import median_ms  # noqa: E402
 
@@ -51,15 +52,14 @@ def resample(adata, n_cells, seed=0):
 def time_size(adata, repeat):
     X = adata.X.T.tocsr().astype(np.float64)
     M, N = X.shape
-    rng = np.random.default_rng(0)
-    W0, H0 = rng.random((M, 16)), rng.random((16, N))
+    W0, H0 = comp565_A4.init_factors(M, N, seed=0)
     row = {"cells": N}
     for name, fn in (("nmf_sse", comp565_A4.nmf_sse), ("nmf_psn", comp565_A4.nmf_psn)):
         row[name] = median_ms(lambda: fn(X, W0, H0, adata, niter=repeat, scorer=NoScorer()), 2) / repeat
     counts, normalized = comp565_A4.normalized_counts(adata)
     for bf16 in (False, True):
         torch.manual_seed(0)
-        model = comp565_A4.ETM(16, M, 256, 256, "relu")
+        model = comp565_A4.build_etm(M)
         model.set_encoder_bf16(bf16)
         key = "etm_step_bf16" if bf16 else "etm_step"
         row[key] = median_ms(lambda: comp565_A4.train_scETM_helper(model, counts, normalized), 2)
@@ -85,7 +85,7 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 50000, 100000])
     parser.add_argument("--repeat", type=int, default=3, help="timed NMF iterations per size")
     args = parser.parse_args(argv)
-    comp565_A4.quiet_known_warnings()
+    quiet_known_warnings("scaling.py")
     torch.set_num_threads(available_cores())
     base = comp565_A4.load_data(args.data_dir)
     print("\nScaling: ms per iteration (cells resampled from the real data, counts thinned p=0.9)")

@@ -32,6 +32,9 @@ class Model:
         The model has `predict` (its own clusters, scored as ``ari_own``).
     supervised : bool
         Labels enter training (shown in the leaderboard's ``supervised`` column).
+    quick : dict
+        Config settings of a smoke run (a few iterations): ``compare.py --quick`` and the
+        registry's tests use them.
 
     Parameters
     ----------
@@ -44,6 +47,7 @@ class Model:
     Config: ClassVar[type]
     clusters: ClassVar[bool] = False
     supervised: ClassVar[bool] = False
+    quick: ClassVar[dict] = {}
 
     def __init__(self, config=None, **overrides):
         config = self.Config() if config is None else config

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import a4.download
-import comp565_A4cli
+import comp565_A4
 from course_fixtures import BROKEN_FOLDERS, unsafe_pickle, write_course_folder, write_geo_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def course_dir(tmp_path):
 def cli(argv, capsys):
     """Exit code and stderr of ``comp565_A4.main(argv)`` (argparse errors exit through SystemExit)."""
     try:
-        code = a4cli.main([str(a) for a in argv])
+        code = comp565_A4.main([str(a) for a in argv])
     except SystemExit as exc:
         code = exc.code
     return code, capsys.readouterr().err
@@ -101,10 +101,10 @@ ARG_ERRORS = [
     (["--jobs", "two"], "argument --jobs: expected a whole number, got 'two'"),
     (["--device", "tpu"], "argument --device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
     (["--nmf-iters", "5"], "unrecognized arguments: --nmf-iters 5"),
-    (["--batch-correct", "--scetm-lr", "0"], "argument --scetm-lr: must be a positive number, got 0"),
+    (["--model", "vae"], "argument --model: invalid choice: 'vae' (choose from etm, scetm)"),
     (["--batch-correct", "--etm-batch-size", "100"],
      "argument --etm-batch-size: the batch-corrected model trains on all cells at once; "
-     "drop --etm-batch-size or --batch-correct"),
+     "drop --etm-batch-size or --model scetm"),
 ]
 
 
@@ -172,7 +172,7 @@ def test_download_then_run(tmp_path, capsys, monkeypatch):
                         functools.partial(a4.download.build_course_folder, n_genes=20))
     src = write_geo_folder(tmp_path / "geo")
     figures = tmp_path / "figures"
-    code = a4cli.main(["--download", str(src), "--data-dir", str(tmp_path / "data"), "--figures-dir",
+    code = comp565_A4.main(["--download", str(src), "--data-dir", str(tmp_path / "data"), "--figures-dir",
                        str(figures), "--quick", "--jobs", "0", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0
@@ -188,7 +188,7 @@ def _bad_nelbo(*args):
 
 
 def test_non_finite_etm_loss_stops_with_stage_and_iteration(course_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(a4cli, "train_scETM_helper", _bad_nelbo)
+    monkeypatch.setattr(comp565_A4, "train_scETM_helper", _bad_nelbo)
     figures = tmp_path / "figures"
     code, err = cli(["--data-dir", course_dir, "--figures-dir", figures, *FAST], capsys)
     assert code == 1
@@ -204,7 +204,7 @@ def _interrupt(*args, **kwargs):
 
 
 def test_ctrl_c_during_training(course_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(a4cli, "train_scETM", _interrupt)
+    monkeypatch.setattr(comp565_A4, "train_scETM", _interrupt)
     figures = tmp_path / "figures"
     code, err = cli(["--data-dir", course_dir, "--figures-dir", figures, *FAST], capsys)
     assert code == 130

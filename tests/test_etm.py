@@ -159,10 +159,11 @@ def test_fused_adam_matches_the_reference_update(tensors):
         m.t_drop.p = 0.0  # no dropout noise: both runs see the same batch
         m.reparameterize = lambda mu, logvar: mu
     reference = torch.optim.Adam(models[1].parameters(), lr=1e-3, weight_decay=1.2e-6, foreach=False)
-    models[1].optimizer = reference
     for _ in range(5):
-        comp565_A4.train_scETM_helper(models[0], counts, normalized)
-        comp565_A4.train_scETM_helper(models[1], counts, normalized)
+        comp565_A4.train_scETM_helper(models[0], counts, normalized)  # the assignment's (fused) Adam
+        comp565_A4.train_scETM_helper(models[1], counts, normalized, optimizer=reference)
+    assert comp565_A4.assignment_optimizer(models[0]) is comp565_A4.assignment_optimizer(models[0])
+    assert not hasattr(models[0], "optimizer")  # the model carries no optimizer
     for p_fused, p_ref in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p_fused, p_ref, rtol=1e-5, atol=1e-6)
 

@@ -94,11 +94,13 @@ def test_missing_data_folder_is_one_clear_error_and_writes_nothing(tmp_path, cap
 def test_precision_auto_resolves_to_what_the_hardware_has():
     import torch
 
+    from a4.runtime import native_bf16, use_bf16
+
     cpu = torch.device("cpu")
-    args = comp565_A4.parse_args(["--precision", "auto", "--device", "cpu"])
-    assert args.precision == ("bf16" if comp565_A4.native_bf16(cpu) else "fp32")
-    assert comp565_A4.parse_args(["--precision", "fp32"]).precision == "fp32"
-    assert comp565_A4.parse_args(["--precision", "bf16"]).precision == "bf16"
+    assert use_bf16("auto", cpu) == native_bf16(cpu)
+    assert use_bf16("fp32", cpu) is False and use_bf16("bf16", cpu) is True
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        use_bf16("fp16", cpu)
 
 
 def test_batch_corrected_run_writes_the_same_outputs(real_data_dir, tmp_path, quick_run):
@@ -122,3 +124,39 @@ def test_batch_corrected_run_writes_the_same_outputs(real_data_dir, tmp_path, qu
     summary = json.loads((out / "summary.json").read_text())
     assert summary["etm_model"]["name"] == "scETM, batch-corrected"
     assert json.loads((plain / "summary.json").read_text())["etm_model"] == {"name": "ETM (course)"}
+
+
+# The perf tables of a short fp32 run (seed 0), recorded with the code before the model registry
+# (commit 29c1fda) on the CI's machine kind: the refactors since must not move a number.
+SHORT_RUN = ["--niter-nmf", "3", "--niter-etm", "6", "--niter-long", "5", "--precision", "fp32", "--jobs", "0"]
+PINNED_NMF = {
+    "perf_nmf_sse": [(0, 28.612425003223155, 0.0), (1, 3.8164635207856494, 0.1466598618560159),
+                     (2, 3.0298529375473184, 0.0462038066693459)],
+    "perf_nmf_psn_1000": [(0, -0.1661582000253872, 0.0), (1, -0.1556057213474982, 0.1065366463457362),
+                          (2, -0.1380074736275276, 0.1286762108250473), (3, -0.1149579010178139, 0.1510545070923869),
+                          (4, -0.0905472193097619, 0.1487020956474561)],
+}
+PINNED_ETM = {
+    "etm": [(0, 9649.470703125, 0.4708306258332591), (1, 9646.1826171875, 0.5625255686091511),
+            (2, 9642.8212890625, 0.4666948251087896), (3, 9639.4111328125, 0.5321939216256144),
+            (4, 9635.7763671875, 0.5353476129842634), (5, 9631.9423828125, 0.5360939145079839)],
+    "scetm": [(0, 9654.35546875, 0.567705882517137), (1, 9631.7998046875, 0.5677241494768286),
+              (2, 9604.771484375, 0.431334378307765), (3, 9568.7021484375, 0.4277817807034131),
+              (4, 9521.9482421875, 0.3857857562913762), (5, 9463.658203125, 0.3803684711102012)],
+}
+
+
+@pytest.mark.parametrize("model", ["etm", "scetm"])
+def test_short_run_gives_the_pinned_perf_tables(real_data_dir, tmp_path, model):
+    out = tmp_path / "figures"
+    code = comp565_A4.main(["--data-dir", str(real_data_dir), "--figures-dir", str(out), "--model", model,
+                            *SHORT_RUN])
+    assert code == 0
+    tables = dict(PINNED_NMF, perf_scETM=PINNED_ETM[model])
+    for name, rows in tables.items():
+        got = pd.read_csv(out / f"{name}.csv").to_numpy()
+        expected = np.array(rows)
+        np.testing.assert_array_equal(got[:, 0], expected[:, 0])
+        rtol = 1e-9 if name.startswith("perf_nmf") else 1e-6  # float32 ETM: BLAS order may differ by CPU
+        np.testing.assert_allclose(got[:, 1], expected[:, 1], rtol=rtol, err_msg=name)
+        np.testing.assert_allclose(got[:, 2], expected[:, 2], rtol=0, atol=1e-12, err_msg=name)

@@ -1,9 +1,12 @@
-"""The results table's scores (bench/results_table.py): batch mixing, and a short run on the real data."""
+"""a4.metrics: batch mixing, k-means and Louvain scores, against direct computations and scikit-learn."""
 
 import numpy as np
-import pandas as pd
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from bench import results_table as rt
+from a4 import metrics as rt
+from a4.clustering import louvain_labels
 
 
 def two_blobs(n=40, separated=True, seed=0):
@@ -43,24 +46,19 @@ def test_asw_batch_is_one_when_mixed_and_near_zero_when_separated():
     assert rt.asw_batch(mixed, batch, labels) > 0.9
 
 
-def test_markdown_table():
-    frame = pd.DataFrame({"model": ["PCA"], "ARI": ["0.6 +- 0.1"]})
-    assert rt.markdown_table(frame) == "| model | ARI |\n|---|---|\n| PCA | 0.6 +- 0.1 |"
-
-
-def test_pca_and_nmf_rows_on_the_real_data(real_data_dir, tmp_path, capsys):
-    out = tmp_path / "runs.csv"
-    code = rt.main(["--data-dir", str(real_data_dir), "--models", "pca", "nmf_sse", "--seeds", "0", "1",
-                    "--niter-nmf", "3", "--out", str(out)])
-    assert code == 0
-    runs = pd.read_csv(out)
-    assert len(runs) == 4 and set(runs["model"]) == {"pca", "nmf_sse"}
-    assert runs[["ari", "nmi", "knn_mixing", "asw_batch"]].notna().all().all()
-    pca = runs[runs["model"] == "pca"]
-    assert (pca["ari"] > 0.4).all(), pca  # PCA of log-normalized counts: ~0.6 on this data
-    assert ((runs["knn_mixing"] >= 0) & (runs["knn_mixing"] <= 1)).all()
-    table = capsys.readouterr().out
-    assert "PCA, 16 PCs of log-normalized counts | 2 |" in table
-    # the runs file can be summarized again without training
-    assert rt.main(["--data-dir", str(real_data_dir), "--summarize", str(out)]) == 0
-    assert "| NMF-SSE (niter=3) | 2 |" in capsys.readouterr().out
+def test_clustering_scores_equal_scikit_learn_and_the_louvain_partition():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 60)
+    embed = rng.normal(size=(3, 6))[labels] * 4 + rng.normal(size=(180, 6))
+    noisy = labels.copy()
+    noisy[:20] = 2  # some disagreement, so the scores are not all 1
+    got = rt.clustering_scores(embed, noisy, seed=3)
+    km = KMeans(n_clusters=3, n_init=20, random_state=3).fit_predict(embed)
+    lv = louvain_labels(embed, seed=3)
+    assert got["ari_kmeans"] == pytest.approx(adjusted_rand_score(noisy, km))
+    assert got["nmi_kmeans"] == pytest.approx(normalized_mutual_info_score(noisy, km))
+    assert got["ari_louvain"] == pytest.approx(adjusted_rand_score(noisy, lv))
+    assert got["n_louvain"] == np.unique(lv).size
+    assert 0.5 < got["ari_kmeans"] < 1.0
+    assert rt.own_scores(labels, labels) == {"ari_own": 1.0, "nmi_own": 1.0}
+    assert rt.asw_batch(embed, np.zeros(180), labels) != rt.asw_batch(embed, np.zeros(180), labels)  # NaN: no type has 2 batches
