@@ -19,20 +19,22 @@ Reading scanpy 1.11 shows what decides that partition:
 So the partition is a function of the *pattern* of the connectivity matrix alone: the kNN
 edges (both directions, no self loops) whose UMAP weight is non-zero. A weight is zero only
 where the float32 exponential underflows, which a cheap bound rules out for almost every cell
-(`_umap_zero_edges`). This module computes that pattern directly, hands it to the same
-Louvain implementation.
+(`_umap_zero_edges`). This module computes that pattern directly and runs the louvain
+package's algorithm on it, reimplemented step for step in `a4.louvain` (same partition, about
+10x faster than the package on these graphs; bench/bench.py times both).
 """
 
 from __future__ import annotations
 
-import tempfile
-import warnings
-
+import numba
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
+
+from a4.louvain import find_partition
 
 N_NEIGHBORS = 30  # the assignment's kNN size
 RESOLUTION = 0.15  # the assignment's Louvain resolution
@@ -44,6 +46,8 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # exp(-x) in float32 is 0 only for x above ~103.97; a row whose largest scaled distance is
 # provably below this margin cannot have a zero weight, so it skips the exact search.
 _SAFE_SCALED_DISTANCE = 80.0
+# above this many cells the KD-tree's kNN beats the all-pairs one (bench/bench.py --scaling)
+_BRUTE_MAX_CELLS = 10_000
 
 
 def _effective_k(n_obs, n_neighbors):
@@ -61,14 +65,99 @@ def _rounding_tolerance(embed64):
     return 4 * embed64.shape[1] * np.finfo(np.float64).eps * (sq_norm + sq_norm.max())
 
 
+@numba.njit(cache=True, nogil=True)
+def _brute_knn(X, n_query):  # pragma: no cover - compiled
+    """The ``n_query`` nearest cells of every cell by exact squared distances, all pairs.
+
+    Each cell's squared distances to all cells are summed coordinate by coordinate (plain
+    float64, vectorised across cells). The selection keeps the ``n_query`` smallest in a
+    sorted buffer (ties: lower index first). Cells are visited depth-first along the
+    neighbour lists found so far, so a cell usually has a visited neighbour ``p`` whose
+    ``n_query`` neighbours (distinct cells) bound its own ``n_query``-th distance from
+    above: candidates beyond that bound are skipped without a buffer insertion.
+
+    Parameters
+    ----------
+    X : ndarray, shape (N, K)
+        Embedding, float64.
+    n_query : int
+        Neighbours per cell, itself included (1 <= n_query <= N).
+
+    Returns
+    -------
+    indices : ndarray of int, shape (N, n_query)
+    sq_dist : ndarray, shape (N, n_query)
+        Ascending per row.
+    """
+    n, dim = X.shape
+    XT = np.ascontiguousarray(X.T)  # (K, N): the inner loop runs over cells
+    indices = np.empty((n, n_query), np.int64)
+    sq_dist = np.empty((n, n_query), np.float64)
+    d = np.empty(n, np.float64)
+    parent = np.full(n, -1, np.int64)
+    queued = np.zeros(n, np.bool_)
+    stack = np.empty(n, np.int64)
+    top = 0
+    next_root = 0
+    for _ in range(n):
+        if top == 0:  # a new component of the neighbour graph
+            while queued[next_root]:
+                next_root += 1
+            r = next_root
+            queued[r] = True
+        else:
+            top -= 1
+            r = stack[top]
+        d[:] = 0.0
+        for k in range(dim):
+            x_rk = X[r, k]
+            col = XT[k]
+            for j in range(n):
+                t = x_rk - col[j]
+                d[j] += t * t
+        bound = np.inf
+        if parent[r] >= 0:  # the farthest of the parent's neighbours, seen from r
+            bound = 0.0
+            for a in range(n_query):
+                bound = max(bound, d[indices[parent[r], a]])
+        best_d = sq_dist[r]
+        best_i = indices[r]
+        m = 0
+        for j in range(n):
+            dj = d[j]
+            if dj < bound or (m < n_query and dj == bound):
+                if m == n_query:
+                    pos = n_query - 1
+                else:
+                    pos = m
+                    m += 1
+                while pos > 0 and best_d[pos - 1] > dj:
+                    best_d[pos] = best_d[pos - 1]
+                    best_i[pos] = best_i[pos - 1]
+                    pos -= 1
+                best_d[pos] = dj
+                best_i[pos] = j
+                if m == n_query:
+                    bound = best_d[n_query - 1]
+        for a in range(n_query - 1, -1, -1):  # the nearest neighbour is visited next
+            u = best_i[a]
+            if not queued[u]:
+                queued[u] = True
+                parent[u] = r
+                stack[top] = u
+                top += 1
+    return indices, sq_dist
+
+
 def knn(embed, n_neighbors=N_NEIGHBORS):
     """Exact nearest neighbours, as scanpy's brute-force path finds them.
 
-    A KD-tree finds the same neighbour *sets* as scikit-learn's brute force wherever they
-    are unambiguous: a cell is safe when its nearest other cell, and its boundary (neighbour
-    ``n_neighbors`` vs ``n_neighbors + 1``), are farther apart than scikit-learn's rounding
-    error. If any cell is not (ties, duplicates), scanpy's own call decides, tie order
-    included.
+    Exact distances (`_brute_knn`; a KD-tree above `_BRUTE_MAX_CELLS` cells, where its
+    sub-quadratic cost wins) give the same neighbour *sets* as scikit-learn's brute force
+    wherever they are unambiguous: a cell is safe when its nearest other cell, and its
+    boundary (neighbour ``n_neighbors`` vs ``n_neighbors + 1``), are farther apart than
+    scikit-learn's rounding error. If any cell is not (ties, duplicates), scanpy's own call
+    decides, tie order included.
 
     Parameters
     ----------
@@ -88,12 +177,16 @@ def knn(embed, n_neighbors=N_NEIGHBORS):
     n_obs = np.shape(embed)[0]
     k = _effective_k(n_obs, n_neighbors)
     n_query = min(k + 1, n_obs)  # scanpy asks for k + 1 and keeps the first k
-    embed64 = np.asarray(embed, dtype=np.float64)
-    distances, indices = cKDTree(embed64, leafsize=32).query(embed64, k=n_query)
-    distances = distances.reshape(n_obs, n_query)
-    indices = indices.reshape(n_obs, n_query)
+    embed64 = np.ascontiguousarray(embed, dtype=np.float64)
+    if n_obs <= _BRUTE_MAX_CELLS:
+        indices, d_sq = _brute_knn(embed64, n_query)
+        distances = np.sqrt(d_sq)
+    else:
+        distances, indices = cKDTree(embed64, leafsize=32).query(embed64, k=n_query)
+        distances = distances.reshape(n_obs, n_query)
+        indices = indices.reshape(n_obs, n_query)
+        d_sq = distances**2
     tol = _rounding_tolerance(embed64)
-    d_sq = distances**2
     safe = indices[:, 0] == np.arange(n_obs)
     if n_query > 1:
         safe &= d_sq[:, 1] > 2 * tol  # no duplicate or near-duplicate cell
@@ -197,58 +290,72 @@ def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS):
     n_obs, k = indices.shape
     keep = indices != np.arange(n_obs)[:, None]  # umap drops the self edge wherever it sits
     keep &= ~_umap_zero_edges(distances)
-    indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
-    directed = sp.csr_matrix(
-        (np.ones(indptr[-1], dtype=np.int8), indices[keep], indptr), shape=(n_obs, n_obs)
-    )
-    # the fuzzy union w + w' - w w' is non-zero exactly where either direction is
-    pattern = directed.maximum(directed.T).tocsr()
-    pattern.sort_indices()  # row-major order, as scanpy's adjacency.nonzero() lists edges
-    return pattern
+    indptr, cols = _symmetric_pattern(np.ascontiguousarray(indices, dtype=np.int64), keep)
+    return sp.csr_matrix((np.ones(cols.size, dtype=np.int8), cols, indptr), shape=(n_obs, n_obs))
 
 
-def _igraph_from_pattern(pattern):
-    """A directed igraph Graph with one edge per stored entry, in row-major order.
+@numba.njit(cache=True, nogil=True)
+def _symmetric_pattern(indices, keep):  # pragma: no cover - compiled
+    """CSR arrays of the union of the kept edges ``i -> indices[i, a]`` and their reverses.
 
-    scanpy builds the same graph with ``g.add_edges(list(zip(sources, targets)))``, a Python
-    loop over ~70k edges. For fewer than 65536 cells this writes the adjacency lists in
-    igraph's binary "graph database" format (16-bit words: vertex count, then per vertex its
-    out-degree and neighbours) and lets igraph's C reader parse it: the same edges in the
-    same order, about 3x faster.
+    The fuzzy union ``w + w' - w w'`` is non-zero exactly where either direction is; rows
+    come out with sorted, distinct columns (row-major order, as scanpy's
+    ``adjacency.nonzero()`` lists edges).
+
+    Parameters
+    ----------
+    indices : ndarray of int, shape (N, k)
+    keep : ndarray of bool, shape (N, k)
+
+    Returns
+    -------
+    indptr : ndarray of int, shape (N + 1,)
+    cols : ndarray of int, shape (nnz,)
     """
-    import igraph as ig
-
-    n_obs = pattern.shape[0]
-    if n_obs >= 2**16:
-        sources, targets = pattern.nonzero()
-        return ig.Graph(n=n_obs, edges=list(zip(sources.tolist(), targets.tolist())), directed=True)
-    degree = np.diff(pattern.indptr)
-    words = np.empty(1 + n_obs + pattern.nnz, dtype="<u2")
-    words[0] = n_obs
-    words[1 + np.arange(n_obs) + pattern.indptr[:-1]] = degree
-    entry = np.arange(pattern.nnz)
-    words[2 + np.repeat(np.arange(n_obs), degree) + entry] = pattern.indices
-    with tempfile.TemporaryFile() as fh:
-        fh.write(words.tobytes())
-        fh.seek(0)
-        graph = ig.Graph.Read_GraphDB(fh, directed=True)
-    return graph
-
-
-def _import_louvain():
-    with warnings.catch_warnings():  # the package warns about pkg_resources and leidenalg
-        warnings.simplefilter("ignore")
-        import louvain
-    return louvain
+    n, k = indices.shape
+    count = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        for a in range(k):
+            if keep[i, a]:
+                count[i + 1] += 1
+                count[indices[i, a] + 1] += 1
+    for i in range(n):
+        count[i + 1] += count[i]
+    fill = count[:-1].copy()
+    both = np.empty(count[n], np.int64)  # each row: its out-edges, then its in-edges
+    for i in range(n):
+        for a in range(k):
+            if keep[i, a]:
+                j = indices[i, a]
+                both[fill[i]] = j
+                fill[i] += 1
+                both[fill[j]] = i
+                fill[j] += 1
+    indptr = np.zeros(n + 1, np.int64)
+    cols = np.empty(count[n], np.int64)
+    nnz = 0
+    for i in range(n):
+        row = np.sort(both[count[i]:count[i + 1]])
+        for a in range(row.size):
+            if a == 0 or row[a] != row[a - 1]:
+                cols[nnz] = row[a]
+                nnz += 1
+        indptr[i + 1] = nnz
+    return indptr, cols[:nnz].copy()
 
 
 def louvain_partition(pattern, resolution=RESOLUTION, seed=0):
     """scanpy's default Louvain (``flavor='vtraag'``, unweighted, directed) on a pattern.
 
+    `a4.louvain.find_partition` runs the louvain package's algorithm, random stream and
+    numbering included, so the result is the package's partition of the same graph
+    (tests/test_louvain.py checks it against the package).
+
     Parameters
     ----------
     pattern : scipy.sparse.csr_matrix, shape (N, N)
-        Graph pattern from `knn_graph_pattern`.
+        Graph pattern from `knn_graph_pattern`: one directed edge per stored entry, in
+        canonical format (sorted columns, no repeated entry).
     resolution : float
         RBConfiguration resolution parameter.
     seed : int
@@ -259,12 +366,11 @@ def louvain_partition(pattern, resolution=RESOLUTION, seed=0):
     ndarray of int, shape (N,)
         Community of every cell, numbered as the louvain package numbers them.
     """
-    louvain = _import_louvain()
-    graph = _igraph_from_pattern(pattern)
-    part = louvain.find_partition(
-        graph, louvain.RBConfigurationVertexPartition, seed=seed, resolution_parameter=resolution
-    )
-    return np.asarray(part.membership)
+    pattern = sp.csr_matrix(pattern)
+    if not pattern.has_canonical_format:
+        raise ValueError("the graph pattern must have sorted column indices and no repeated entry "
+                         "(call .sum_duplicates() on it first)")
+    return find_partition(pattern.indptr, pattern.indices, pattern.shape[0], resolution, seed)
 
 
 def louvain_labels(embed, seed=0, n_neighbors=N_NEIGHBORS, resolution=RESOLUTION):
@@ -308,4 +414,7 @@ def louvain_ari(embed, true_labels, seed=0):
     -------
     float
     """
-    return float(adjusted_rand_score(true_labels, louvain_labels(embed, seed=seed)))
+    # integer codes: the same contingency table (so the same ARI), without scikit-learn's
+    # np.unique over strings at every call
+    codes = pd.factorize(np.asarray(true_labels), use_na_sentinel=False)[0]
+    return float(adjusted_rand_score(codes, louvain_labels(embed, seed=seed)))

@@ -77,15 +77,20 @@ def test_duplicates_take_scanpys_exact_path():
     np.testing.assert_array_equal(clustering.louvain_labels(embed), ref)
 
 
-def test_graphdb_reader_builds_the_same_graph_as_a_python_edge_list():
-    import igraph as ig
+@pytest.mark.parametrize("brute_max", [10_000, 0])  # all-pairs kernel, then the KD-tree
+def test_knn_sets_equal_scikit_learns_brute_force(brute_max, monkeypatch):
+    from sklearn.neighbors import NearestNeighbors
 
-    pattern = clustering.knn_graph_pattern(blobs()[0])
-    g = clustering._igraph_from_pattern(pattern)
-    sources, targets = pattern.nonzero()
-    ref = ig.Graph(n=pattern.shape[0], edges=list(zip(sources.tolist(), targets.tolist())), directed=True)
-    assert g.is_directed() and g.vcount() == ref.vcount()
-    assert g.get_edgelist() == ref.get_edgelist()
+    monkeypatch.setattr(clustering, "_BRUTE_MAX_CELLS", brute_max)
+    rng = np.random.default_rng(2)
+    for n, dim, k in [(40, 3, 30), (300, 16, 30), (1000, 16, 15), (25, 2, 5), (3, 4, 30), (1, 5, 30)]:
+        X = rng.normal(size=(n, dim))
+        idx, dist = clustering.knn(X, k)
+        q = idx.shape[1]
+        ref_d, ref_i = NearestNeighbors(n_neighbors=q, algorithm="brute").fit(X).kneighbors(X)
+        np.testing.assert_array_equal(np.sort(idx, 1), np.sort(ref_i, 1))
+        np.testing.assert_allclose(dist, ref_d, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(dist, np.sort(dist, 1))
 
 
 def test_non_finite_embedding_is_refused():
