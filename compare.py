@@ -237,6 +237,24 @@ def markdown(summary, title):
     return "\n".join(lines) + "\n"
 
 
+def write_joint_tables(frame, adata, out_dir, title):
+    """``joint_metrics.csv`` (one row per model and seed) and ``.md`` (mean +- sd, best mean first)."""
+    from a4.joint_metrics import JOINT_METRICS, left_out
+
+    write_csv(frame, out_dir / "joint_metrics.csv")
+    columns = [c for c in (*JOINT_METRICS, "mean_score") if c in frame]
+    grouped = frame.groupby("model", sort=False)
+    means, sds = grouped[columns].mean(), grouped[columns].std(ddof=1).fillna(0.0)
+    lines = [f"**{title}: the NeurIPS 2021 joint-embedding metrics**", "",
+             "| model | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for model in means.sort_values("mean_score", ascending=False).index:
+        cells = [f"{means.at[model, c]:.3f} +- {sds.at[model, c]:.3f}" for c in columns]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"- {name} left out: {why}" for name, why in left_out(adata).items())]
+    with atomic_path(out_dir / "joint_metrics.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def plot_leaderboard(summary, title, path):
     """Bars of mean ARI / NMI per model with sd error bars."""
     scores = [s for s in ("ari_louvain", "ari_kmeans", "nmi_kmeans", "ari_own") if s in summary]
@@ -338,9 +356,7 @@ def main(argv=None, args=None):
         tmp.write_text(text)
     plot_leaderboard(summary, title, out_dir / "leaderboard.png")
     if joint:
-        from a4.joint_metrics import write_joint_tables
-
-        write_joint_tables(pd.DataFrame(joint), out_dir, title)
+        write_joint_tables(pd.DataFrame(joint), adata, out_dir, title)
 
     first = args.seeds[0]
     embeddings = anndata.AnnData(obs=adata.obs[[c for c in (LABEL_KEY, BATCH_KEY) if c in adata.obs]].copy())
