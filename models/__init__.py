@@ -17,6 +17,9 @@ REGISTRY = {
     "jae": "models.jae:JAE",
     "pca_joint": "models.jae:PCAJoint",
     "scgpcl": "models.scgpcl:SCGPCL",
+    "ae": "models.autoencoders:AE",
+    "vae": "models.autoencoders:VAE",
+    "vsc": "models.autoencoders:VSC",
 }
 
 

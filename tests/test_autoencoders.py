@@ -1,0 +1,174 @@
+"""AE, beta-VAE and beta-VSC (models/autoencoders.py): losses against direct computations, the
+VSC's KL against a Monte Carlo estimate, training on planted clusters, determinism, real data."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+from torch import distributions as D
+
+from a4.metrics import kmeans_labels
+from a4.preprocessing import log_normalize, scale
+from models import get_model
+from models.autoencoders import AutoencoderModule, make_loss, vsc_kl
+from tests.conftest import ROOT, make_counts
+
+TINY = {"hidden": (32, 16, 8), "latent": 4, "precision": "fp32"}
+
+
+def tiny_module(kind, likelihood="mse", n_genes=12, seed=0):
+    torch.manual_seed(seed)
+    return AutoencoderModule(n_genes, (16, 8, 4), 3, kind, likelihood)
+
+
+def test_ae_loss_is_the_summed_squared_error():
+    module = tiny_module("ae")
+    x = torch.randn(5, 12)
+    loss, parts = make_loss()(module, (x, x), 1.0)
+    h = module.encoder.branches[0](module.encoder.trunk(x))  # the report's z = ReLU(W4 h3 + b4)
+    expected = ((x - module.decoder(torch.relu(h))) ** 2).sum(1).mean()
+    torch.testing.assert_close(loss, expected)
+    assert parts["recon"] == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_vae_loss_is_squared_error_plus_beta_times_gaussian_kl():
+    module = tiny_module("vae")
+    x = torch.randn(5, 12)
+    torch.manual_seed(3)
+    loss, parts = make_loss(beta=2.0)(module, (x, x), 0.5)
+    torch.manual_seed(3)  # the same eps
+    h = module.encoder.trunk(x)
+    mu, logvar = (b(h) for b in module.encoder.branches)
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    recon = ((x - module.decoder(z)) ** 2).sum(1).mean()
+    kl = D.kl_divergence(D.Normal(mu, torch.exp(0.5 * logvar)), D.Normal(0.0, 1.0)).sum(1).mean()
+    torch.testing.assert_close(loss, recon + 2.0 * 0.5 * kl)
+    assert parts["kl"] == pytest.approx(kl.item(), rel=1e-5)
+
+
+def test_nb_reconstruction_is_the_negative_binomial_of_library_scaled_proportions():
+    module = tiny_module("vae", "nb")
+    with torch.no_grad():
+        module.log_theta.normal_()
+    counts = torch.poisson(torch.rand(5, 12) * 4)
+    counts[:, 0] += 1
+    library = counts.sum(1)
+    torch.manual_seed(1)
+    loss, parts = make_loss(beta=1.0)(module, (torch.log1p(counts), counts, library), 0.0)
+    torch.manual_seed(1)
+    q = module.encode(torch.log1p(counts))
+    out = module.decoder(module.sample(q))
+    mu = torch.softmax(out, -1) * library[:, None]
+    theta = module.log_theta.exp()
+    nb = D.NegativeBinomial(total_count=theta, logits=torch.log(mu) - torch.log(theta))
+    expected = -nb.log_prob(counts).sum(1).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)  # kl_weight 0: only the NB
+
+
+def test_vsc_kl_matches_a_monte_carlo_estimate():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g) * 0.5
+    gamma = torch.rand(4, 3, generator=g) * 0.8 + 0.1
+    alpha, n = 0.3, 400_000
+    exact = vsc_kl(mu, logvar, gamma.log(), alpha)
+    # q = gamma N(mu, sigma^2) + (1 - gamma) delta_0, p = alpha N(0, 1) + (1 - alpha) delta_0:
+    # E_q[log q / p], the delta parts compared with the delta parts
+    active = torch.rand(n, 4, 3, generator=g) < gamma
+    z = mu + torch.randn(n, 4, 3, generator=g) * torch.exp(0.5 * logvar)
+    log_slab = D.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z) + gamma.log()
+    log_prior = D.Normal(0.0, 1.0).log_prob(z) + np.log(alpha)
+    ratio = torch.where(active, log_slab - log_prior, torch.log(1 - gamma) - np.log(1 - alpha))
+    estimate = ratio.mean(0).sum(-1).mean()
+    assert exact.item() == pytest.approx(estimate.item(), abs=0.02)
+    # gamma -> 1 everywhere and alpha -> 1: the Gaussian KL
+    ones = torch.zeros_like(mu)
+    gauss = D.kl_divergence(D.Normal(mu, torch.exp(0.5 * logvar)), D.Normal(0.0, 1.0)).sum(-1).mean()
+    torch.testing.assert_close(vsc_kl(mu, logvar, ones, alpha=1 - 1e-6), gauss, atol=1e-3, rtol=1e-3)
+
+
+def test_vsc_sample_is_the_relaxed_spike_times_the_slab():
+    module = tiny_module("vsc")
+    x = torch.randn(6, 12)
+    q = module.encode(x)
+    assert (q["log_spike"] <= 0).all()
+    torch.manual_seed(5)
+    z = module.sample(q, c=50.0)
+    torch.manual_seed(5)
+    slab = q["mu"] + torch.randn_like(q["mu"]) * torch.exp(0.5 * q["logvar"])
+    eta = torch.rand_like(q["mu"])
+    torch.testing.assert_close(z, torch.sigmoid(50.0 * (eta + q["log_spike"].exp() - 1)) * slab)
+    torch.testing.assert_close(module.latent(x), q["log_spike"].exp() * q["mu"])
+
+
+@pytest.mark.parametrize("name,options", [("ae", {}), ("vae", {}), ("vsc", {}),
+                                          ("ae", {"likelihood": "nb"}), ("vae", {"likelihood": "nb"})])
+def test_training_lowers_the_loss_and_separates_planted_types(name, options):
+    adata = make_counts(n_per_type=30, n_types=3, n_genes=60)
+    lr = 1e-2 if options else 3e-3  # the NB's gradients are smaller: a larger step, same epochs
+    model = get_model(name)(**TINY, **options, epochs=25, batch_size=16, lr=lr).fit(adata, seed=0)
+    losses = [row["loss"] for row in model.history]
+    assert all(np.isfinite(list(row.values())).all() for row in model.history)
+    # a short run: the loss is still falling; the clusters below are the stronger check
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses[::10]
+    z = model.get_latent(adata)
+    assert z.shape == (adata.n_obs, 4)
+    labels = adata.obs["Celltype"].to_numpy()
+    assert adjusted_rand_score(labels, kmeans_labels(z, 3, seed=0)) > 0.8
+
+
+def test_same_seed_same_numbers_and_deterministic_latent():
+    adata = make_counts(n_per_type=20)
+    fits = [get_model("vsc")(**TINY, epochs=3, batch_size=16).fit(adata, seed=s) for s in (1, 1, 2)]
+    assert fits[0].history == fits[1].history
+    np.testing.assert_array_equal(fits[0].get_latent(adata), fits[1].get_latent(adata))
+    np.testing.assert_array_equal(fits[0].get_latent(adata), fits[0].get_latent(adata))
+    assert fits[0].history != fits[2].history
+
+
+def test_defaults_are_the_reports():
+    cfg = get_model("vsc").Config()
+    assert (cfg.latent, tuple(cfg.hidden), cfg.epochs, cfg.batch_size, cfg.lr, cfg.beta, cfg.alpha) == (
+        6, (128, 32, 16), 200, 256, 1e-3, 2.0, 0.5)
+    assert get_model("ae").Config().likelihood == "mse"
+
+
+def test_vsc_refuses_the_count_likelihood_and_bad_options():
+    adata = make_counts(n_per_type=5)
+    with pytest.raises(ValueError, match="vsc supports likelihood='mse' only"):
+        get_model("vsc")(**TINY, likelihood="nb", epochs=1).fit(adata)
+    with pytest.raises(AssertionError, match="likelihood must be"):
+        get_model("ae")(**TINY, likelihood="poisson", epochs=1).fit(adata)
+    with pytest.raises(AssertionError, match="precision must be"):
+        get_model("ae")(hidden=(16, 8, 4), latent=3, precision="fp16", epochs=1).fit(adata)
+
+
+def test_bf16_training_stays_close_to_fp32():
+    adata = make_counts(n_per_type=20)
+    runs = [get_model("vae")(**{**TINY, "precision": p}, epochs=3, batch_size=16).fit(adata, seed=0)
+            for p in ("fp32", "bf16")]
+    assert runs[1].history[-1]["loss"] == pytest.approx(runs[0].history[-1]["loss"], rel=0.05)
+
+
+def _data_root():
+    root = Path(os.environ.get("A4_DATA_ROOT", ROOT.parent / "shared/data"))
+    if not (root / "pbmc3k").is_dir():
+        msg = f"pbmc3k not found under {root}: set A4_DATA_ROOT to the shared data folder"
+        if os.environ.get("A4_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+def test_real_pbmc3k_short_run_every_gene():
+    from a4.data import load_dataset
+
+    adata = load_dataset("pbmc3k", data_root=_data_root())[:300].copy()  # 300 cells, all genes
+    z_input = scale(log_normalize(adata.X))
+    assert z_input.shape[1] == adata.n_vars and np.isfinite(z_input).all()
+    for name in ("ae", "vae", "vsc"):
+        model = get_model(name)(epochs=2).fit(adata, seed=0)
+        assert len(model.history) == 2 and all(np.isfinite(r["loss"]) for r in model.history)
+        assert model.get_latent(adata).shape == (300, 6)
