@@ -20,6 +20,7 @@ REGISTRY = {
     "ae": "models.autoencoders:AE",
     "vae": "models.autoencoders:VAE",
     "vsc": "models.autoencoders:VSC",
+    "gmvae": "models.gmvae:GMVAE",
 }
 
 

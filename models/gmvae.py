@@ -1,0 +1,228 @@
+"""scVAE's Gaussian-mixture VAE with a negative-binomial likelihood (registry name ``gmvae``).
+
+Grønbech et al., "scVAE: variational auto-encoders for single-cell gene expression data",
+Bioinformatics 2020, as used by the classifier study in
+``../shared/references/scvae_gmvae_classifier.txt`` (Bolos et al.). The generative model:
+
+    y ~ Cat(1 / K),   z | y ~ N(mu_y, diag sigma_y^2),   x_j | z ~ NB(l * softmax(f(z))_j, theta_j)
+
+with ``mu_y``, ``log sigma_y^2`` dense layers on the one-hot ``y`` (one vector per component),
+a decoder ``f`` shared by the K components, the cell's library size ``l`` and one inverse
+dispersion per gene. The inference model: ``q(y | x)`` its own MLP (softmax over K) and
+``q(z | x, y)`` an MLP on ``[x, one-hot y]``. The ELBO sums exactly over the K components:
+
+    ELBO(x) = sum_k q(k | x) [ E_{q(z | x, k)} log p(x | z) - KL(q(z | x, k) || p(z | k)) ]
+              - KL(q(y | x) || Cat(1 / K))
+
+(one reparameterized draw of z per component; both KLs analytic). Both KL terms are multiplied
+by a weight rising linearly from 0 to 1 over the first ``warmup`` epochs (scVAE's warm-up; without
+it the mixture collapses onto one component). Clusters (`predict`): ``argmax_k q(k | x)``; the
+latent (`get_latent`): the posterior mean ``sum_k q(k | x) mu_q(x, k)``.
+
+Defaults: the classifier study's (table 1: one hidden layer, Adam 1e-4, 100 epochs; its best
+Rand index and accuracy, models 19 and 10: latent 50, 250 hidden units), K = the number of
+labelled classes (the study: 11 = its number of cell types). ``GMVAE.Config.scvae_recipe()`` gives
+the scVAE paper's larger recipe (hidden 100-100, latent 100, warm-up 200, 500 epochs).
+
+Deviations, each for a stated reason:
+- the encoder reads ``log1p(x)`` (scVI's input), not the raw counts scVAE feeds through
+  batch-normalized layers: without batch normalization raw counts up to hundreds make the first
+  layer's scale depend on sequencing depth; we use no batch normalization (small data sets);
+- the NB mean is the library size times gene proportions (scVI's offset) rather than scVAE's
+  free NB parameters, so that depth does not have to be learned by the clusters;
+- with more than ``n_top_genes`` genes (pbmc3k: 13,713) the model uses the 2,000 most variable
+  genes (scanpy's Seurat flavour on the log-normalized counts): the exact sum over K components
+  runs the decoder K times per cell, which over every gene is hours on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from a4.likelihoods import nb_log_prob
+from a4.preprocessing import dense, log_normalize
+from a4.training import linear_warmup, predict, seed_everything, train
+from models.base import Model, check_latent, n_classes
+
+
+def mlp(sizes):
+    """Linear + ReLU layers through ``sizes`` (the last layer has ReLU too)."""
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def gaussian_kl_between(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) summed over the last dimension."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(-1)
+
+
+class GMVAEModule(nn.Module):
+    """The Gaussian-mixture VAE's networks; knows nothing of AnnData.
+
+    Parameters
+    ----------
+    n_genes : int
+        M.
+    n_components : int
+        K.
+    hidden : tuple of int
+        Hidden widths of q(y | x), q(z | x, y) and (reversed) the decoder.
+    latent : int
+        d.
+    """
+
+    def __init__(self, n_genes, n_components, hidden, latent):
+        super().__init__()
+        hidden = tuple(hidden)
+        self.n_components = n_components
+        self.qy = nn.Sequential(mlp((n_genes,) + hidden), nn.Linear(hidden[-1], n_components))
+        # q(z | x, y): the first layer on [x, one-hot y] is W_x x + W_y[:, y] (one W_x x per cell)
+        self.qz_x = nn.Linear(n_genes, hidden[0])
+        self.qz_y = nn.Linear(n_components, hidden[0], bias=False)
+        self.qz_rest = mlp(hidden)  # hidden[0] -> ... -> hidden[-1] (empty for one layer)
+        self.qz_mu = nn.Linear(hidden[-1], latent)
+        self.qz_logvar = nn.Linear(hidden[-1], latent)
+        self.pz_mu = nn.Linear(n_components, latent, bias=False)  # mu_y: a dense layer on one-hot y
+        self.pz_logvar = nn.Linear(n_components, latent, bias=False)
+        nn.init.normal_(self.pz_mu.weight)  # components start apart (zeros would make them identical)
+        nn.init.zeros_(self.pz_logvar.weight)
+        rev = hidden[::-1]
+        self.decoder = nn.Sequential(mlp((latent,) + rev), nn.Linear(rev[-1], n_genes))
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))  # per-gene NB inverse dispersion
+
+    def q_y(self, x):
+        """log q(y | x), shape (B, K)."""
+        return torch.log_softmax(self.qy(x), dim=-1)
+
+    def q_z(self, x):
+        """Mean and log variance of q(z | x, k) for every k, shapes (B, K, d)."""
+        eye = torch.eye(self.n_components, dtype=x.dtype)
+        h = torch.relu(self.qz_x(x)[:, None, :] + self.qz_y(eye)[None])  # (B, K, h0)
+        h = self.qz_rest(h)
+        return self.qz_mu(h), self.qz_logvar(h)
+
+    def p_z(self):
+        """Mean and log variance of p(z | k), shapes (K, d)."""
+        eye = torch.eye(self.n_components)
+        return self.pz_mu(eye), self.pz_logvar(eye)
+
+    def latent(self, x):
+        """The posterior mean of z, ``sum_k q(k | x) mu_q(x, k)``, shape (B, d)."""
+        mu, _ = self.q_z(x)
+        return (self.q_y(x).exp()[..., None] * mu).sum(1)
+
+
+def gmvae_terms(module, x, counts, library, sample=True):
+    """The ELBO's terms per cell, the sum over components done exactly.
+
+    Parameters
+    ----------
+    module : GMVAEModule
+    x : Tensor, shape (B, M)
+        Encoder input (``log1p`` of the counts).
+    counts : Tensor, shape (B, M)
+    library : Tensor, shape (B,)
+        Total counts.
+    sample : bool
+        Draw z from q(z | x, k) (training); False uses its mean.
+
+    Returns
+    -------
+    dict of Tensor, shape (B,)
+        ``recon`` (``-sum_k q_k E log p(x | z_k)``), ``kl_z`` (``sum_k q_k KL_k``), ``kl_y``.
+    """
+    log_qy = module.q_y(x)  # (B, K)
+    qy = log_qy.exp()
+    mu, logvar = module.q_z(x)  # (B, K, d)
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+    rates = torch.softmax(module.decoder(z), dim=-1) * library[:, None, None]  # (B, K, M)
+    log_px = nb_log_prob(counts[:, None, :], rates, module.log_theta.exp()).sum(-1)  # (B, K)
+    pz_mu, pz_logvar = module.p_z()  # (K, d)
+    kl_z = gaussian_kl_between(mu, logvar, pz_mu[None], pz_logvar[None])  # (B, K)
+    kl_y = (qy * (log_qy + math.log(module.n_components))).sum(-1)  # KL(q(y|x) || Cat(1/K))
+    return {"recon": -(qy * log_px).sum(-1), "kl_z": (qy * kl_z).sum(-1), "kl_y": kl_y}
+
+
+def gmvae_loss(module, batch, kl_weight):
+    """``loss_fn`` for `a4.training.train`: the negative ELBO with warmed-up KLs, mean over cells."""
+    t = gmvae_terms(module, *batch)
+    recon, kl = t["recon"].mean(), (t["kl_z"] + t["kl_y"]).mean()
+    return recon + kl_weight * kl, {"recon": recon.item(), "kl": kl.item()}
+
+
+@dataclasses.dataclass
+class GMVAEConfig:
+    """Hyperparameters of `GMVAE` (sources in the comments)."""
+
+    n_components: int | None = None  # K; None: the number of labelled classes (the study: 11 types)
+    hidden: tuple = (250,)  # the study: 1 hidden layer (table 1), 250 units (its best models 10, 19)
+    latent: int = 50  # the study's best Rand index and accuracy (models 19 and 10: Z = 50)
+    epochs: int = 100  # the study, table 1
+    warmup: int = 40  # KL warm-up epochs: scVAE's recipe warms up over 200 of 500 epochs (40%)
+    lr: float = 1e-4  # the study, table 1 (Adam)
+    batch_size: int = 100  # scVAE's default minibatch size
+    n_top_genes: int = 2000  # more genes than this: the most variable ones (speed; module docstring)
+
+    @classmethod
+    def scvae_recipe(cls, **overrides):
+        """The scVAE paper's larger recipe: hidden 100-100, latent 100, warm-up 200, 500 epochs."""
+        return cls(**{"hidden": (100, 100), "latent": 100, "warmup": 200, "epochs": 500, **overrides})
+
+
+class GMVAE(Model):
+    """scVAE's GMVAE with an NB likelihood; clusters are ``argmax q(y | x)``.
+
+    After `fit`: ``history`` (per epoch ``loss``, ``recon``, ``kl``, ``kl_weight``), ``module``,
+    ``genes`` (indices of the genes used).
+    """
+
+    Config = GMVAEConfig
+    clusters = True
+
+    def _select_genes(self, adata):
+        """Indices of the genes the model reads: all, or the ``n_top_genes`` most variable."""
+        if adata.n_vars <= self.config.n_top_genes:
+            return np.arange(adata.n_vars)
+        import anndata
+        import scanpy as sc
+
+        lognorm = anndata.AnnData(log_normalize(adata.X))
+        hvg = sc.pp.highly_variable_genes(lognorm, n_top_genes=self.config.n_top_genes, flavor="seurat",
+                                          inplace=False)
+        return np.flatnonzero(hvg["highly_variable"].to_numpy())
+
+    def _tensors(self, adata):
+        counts = torch.from_numpy(dense(adata.X[:, self.genes]))  # (N, G)
+        library = counts.sum(1)  # (N,) over the genes modelled (the NB's proportions are over them)
+        return torch.log1p(counts), counts, library
+
+    def fit(self, adata, seed=0):
+        """Train on every cell of ``adata`` (raw counts); returns self."""
+        cfg = self.config
+        k = cfg.n_components or n_classes(adata)
+        seed_everything(seed)
+        self.genes = self._select_genes(adata)
+        data = self._tensors(adata)
+        self.module = GMVAEModule(len(self.genes), k, cfg.hidden, cfg.latent)
+        optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg.lr)
+        self.history = train(self.module, gmvae_loss, data, optimizer, epochs=cfg.epochs,
+                             batch_size=cfg.batch_size, seed=seed, kl_weight=linear_warmup(cfg.warmup),
+                             desc="gmvae")
+        return self
+
+    def get_latent(self, adata):
+        """``sum_k q(k | x) mu_q(x, k)``, ndarray (N, d)."""
+        self.module.eval()
+        return check_latent(predict(self.module.latent, self._tensors(adata)[0]), adata.n_obs)
+
+    def predict(self, adata):
+        """``argmax_k q(k | x)``, int ndarray (N,)."""
+        self.module.eval()
+        return predict(self.module.q_y, self._tensors(adata)[0]).argmax(1)
