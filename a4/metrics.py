@@ -95,7 +95,8 @@ def ideal_knn_mixing(labels, batch):
 def asw_batch(embed, batch, labels):
     """scib's batch silhouette: mean over cell types of mean(1 - |silhouette by batch|).
 
-    Cell types found in one batch only, or with fewer than 3 cells, are skipped, as in scib.
+    Cell types found in one batch only, or with no more cells than batches (the silhouette
+    needs a cell to share its batch), are skipped, as in scib.
 
     Parameters
     ----------
@@ -111,7 +112,8 @@ def asw_batch(embed, batch, labels):
     scores = []
     for label in np.unique(labels):
         cells = labels == label
-        if np.unique(batch[cells]).size < 2 or cells.sum() < 3:
+        n_batches = np.unique(batch[cells]).size
+        if n_batches < 2 or n_batches >= cells.sum():
             continue
         scores.append(np.mean(1 - np.abs(silhouette_samples(embed[cells], batch[cells]))))
     return float(np.mean(scores)) if scores else float("nan")

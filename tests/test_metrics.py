@@ -44,6 +44,10 @@ def test_asw_batch_is_one_when_mixed_and_near_zero_when_separated():
     labels = np.array(["t"] * 400, dtype=object)
     labels[:50] = "solo"  # all in batch 0
     assert rt.asw_batch(mixed, batch, labels) > 0.9
+    # a type with one cell per batch has no silhouette by batch: skipped, not an error
+    three = np.array([0, 1, 2] * 100)
+    labels = np.array(["t"] * 297 + ["tiny"] * 3, dtype=object)
+    assert np.isfinite(rt.asw_batch(np.random.default_rng(1).normal(size=(300, 2)), three, labels))
 
 
 def test_clustering_scores_equal_scikit_learn_and_the_louvain_partition():
