@@ -1,0 +1,89 @@
+"""Speed and the source's own protocol for ``ae``, ``vae``, ``vsc`` on PBMC 3k (every gene).
+
+For every model and seed: train 200 epochs (the report's recipe, timed: seconds per model), then
+the report's evaluation: t-SNE of the latent (perplexity 40), k-means with 9 clusters on the
+t-SNE coordinates, ARI and NMI against the 9 Seurat types; mean +- sd over the seeds, printed
+beside the report's numbers.
+
+    python bench/autoencoders.py --data-root ../shared/data --seeds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The report's table (vae_family_pbmc3k.txt, as quoted in issue 10): ARI, NMI
+SOURCE = {"ae": (0.580, 0.721), "vae": (0.440, 0.609), "vsc": (0.465, 0.646)}
+PERPLEXITY = 40  # report 3: "t-SNE-perplexity of 40"
+
+
+def protocol_scores(latent, labels, seed):
+    """ARI and NMI of k-means (k = number of types) on the 2-D t-SNE of ``latent`` (N, d)."""
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from a4.metrics import kmeans_labels
+
+    tsne = TSNE(n_components=2, perplexity=PERPLEXITY, random_state=seed, init="pca").fit_transform(latent)
+    clusters = kmeans_labels(tsne, np.unique(labels).size, seed=seed)
+    return adjusted_rand_score(labels, clusters), normalized_mutual_info_score(labels, clusters)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=None, help="folder of the named data sets (default: $A4_DATA_ROOT)")
+    parser.add_argument("--models", default="ae,vae,vsc",
+                        help="registry names, optionally name:field=value (default: ae,vae,vsc)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="default: 0 1 2 3 4")
+    parser.add_argument("--epochs", type=int, default=200, help="default: 200 (the report's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-protocol", action="store_true", help="time the training only")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from a4.data import load_dataset
+    from models import get_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adata = load_dataset("pbmc3k", data_root=args.data_root)
+    labels = adata.obs["Celltype"].to_numpy()
+    print(f"pbmc3k: {adata.n_obs} cells x {adata.n_vars} genes, {np.unique(labels).size} types; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    rows = {}
+    for spec in args.models.split(","):
+        name, _, opts = spec.partition(":")
+        options = dict(kv.split("=", 1) for kv in opts.split(";") if kv)
+        options = {k: (v if k in ("likelihood", "precision") else float(v)) for k, v in options.items()}
+        for seed in args.seeds:
+            model = get_model(name)(epochs=args.epochs, **options)
+            start = time.perf_counter()
+            model.fit(adata, seed=seed)
+            seconds = time.perf_counter() - start
+            ari = nmi = float("nan")
+            if not args.no_protocol:
+                ari, nmi = protocol_scores(model.get_latent(adata), labels, seed)
+            rows.setdefault(spec, []).append((seconds, ari, nmi))
+            print(f"{spec:<14} seed {seed}: {seconds:7.1f} s for {args.epochs} epochs; "
+                  f"t-SNE + k-means ARI {ari:.3f} NMI {nmi:.3f}", flush=True)
+    print(f"\n| model | seconds / {args.epochs} epochs | ARI | NMI | source ARI / NMI |")
+    print("|---|---|---|---|---|")
+    for spec, values in rows.items():
+        v = np.array(values)
+        source = SOURCE.get(spec.partition(":")[0]) if ":" not in spec else None
+        cols = [f"{m:.3f} +- {s:.3f}" for m, s in zip(v.mean(0), v.std(0, ddof=1) if len(v) > 1 else [0] * 3)]
+        cols[0] = f"{v[:, 0].mean():.1f} +- {v[:, 0].std(ddof=1) if len(v) > 1 else 0:.1f}"
+        src = f"{source[0]:.3f} / {source[1]:.3f}" if source else "-"
+        print(f"| {spec} | {cols[0]} | {cols[1]} | {cols[2]} | {src} |")
+
+
+if __name__ == "__main__":
+    main()

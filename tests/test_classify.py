@@ -1,0 +1,90 @@
+"""The classifier study (a4/classify.py): splits, the classifier on planted classes, the files."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from a4.classify import PCA_KS, classification_study, classifier, fit_classifier, pca_inputs, split_indices
+from tests.conftest import ROOT, make_counts
+
+
+def test_split_is_a_stratified_80_10_10_partition_drawn_by_the_seed():
+    labels = np.repeat(["a", "b", "c", "d"], [100, 50, 30, 20])
+    train, valid, test = split_indices(labels, seed=0)
+    assert sorted(np.concatenate([train, valid, test]).tolist()) == list(range(200))
+    assert (len(train), len(valid), len(test)) == (160, 20, 20)
+    for t in "abcd":  # every type in every split, in proportion
+        assert (labels[test] == t).sum() == pytest.approx((labels == t).sum() / 10, abs=1)
+    again = split_indices(labels, seed=0)
+    other = split_indices(labels, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (train, valid, test)))
+    assert not np.array_equal(other[2], test)
+
+
+def test_classifier_is_the_sources_network():
+    net = classifier(20, 4)
+    assert [type(m).__name__ for m in net] == ["Linear", "ReLU", "Linear"]
+    assert net[0].out_features == 516 and net[2].out_features == 4
+    bound = np.sqrt(6 / (20 + 516))  # Xavier uniform
+    assert np.abs(net[0].weight.detach().numpy()).max() <= bound
+    assert np.all(net[0].bias.detach().numpy() == 0)
+
+
+def test_beats_chance_by_far_on_planted_classes():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 60)
+    centers = rng.normal(0, 3, size=(4, 8))
+    x = centers[y] + rng.normal(size=(y.size, 8))
+    result = fit_classifier(x, y, split_indices(y, 0), seed=0, epochs=12, batch_size=20, lr=1e-3)
+    assert result["accuracy"] > 0.9 and result["macro_f1"] > 0.9  # chance: 0.25
+    fixed = fit_classifier(x, y, split_indices(y, 0), seed=0, epochs=3, batch_size=40, patience=None)
+    assert fixed["epochs"] == 3
+    same = fit_classifier(x, y, split_indices(y, 0), seed=0, epochs=3, batch_size=40, patience=None)
+    assert same["accuracy"] == fixed["accuracy"]
+    np.testing.assert_array_equal(same["predicted"], fixed["predicted"])
+
+
+def test_pca_inputs_are_nested_components():
+    adata = make_counts(n_per_type=40, n_genes=60)
+    pcs = pca_inputs(adata.X)
+    assert sorted(pcs) == [k for k in PCA_KS if k < 60]
+    np.testing.assert_allclose(pcs[10], pcs[25][:, :10], rtol=1e-4, atol=1e-4)
+
+
+def test_study_writes_csv_markdown_and_confusion(tmp_path):
+    adata = make_counts(n_per_type=40, n_types=3, n_genes=60)
+    y = adata.obs["Celltype"].cat.codes.to_numpy()
+    good = {s: np.eye(3)[y] + np.random.default_rng(s).normal(0, 0.1, (y.size, 3)) for s in (0, 1)}
+    noise = {0: np.random.default_rng(9).normal(size=(y.size, 2))}
+    table = classification_study(adata, {"planted": good, "noise": noise}, [0, 1], tmp_path, epochs=8,
+                                 batch_size=20, lr=1e-3)
+    assert set(table.columns) >= {"input", "variant", "seed", "accuracy", "balanced_accuracy", "macro_f1"}
+    assert len(table) == 2 * (1 + 3 + 1) + 1  # raw, 3 PCA ks, planted per seed; noise for seed 0
+    assert not table.isna().any().any()
+    planted = table[table.variant == "planted"]["accuracy"]
+    assert planted.min() > 0.9
+    assert table[table.variant == "noise"]["accuracy"].iloc[0] < 0.7
+    saved = pd.read_csv(tmp_path / "classification.csv")
+    assert len(saved) == len(table)
+    md = (tmp_path / "classification.md").read_text()
+    assert "| latent | planted | 2 |" in md and "+-" in md
+    assert (tmp_path / "confusion.png").stat().st_size > 0
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_real_10x_pbmc_short_study(tmp_path):
+    root = Path(os.environ.get("A4_DATA_ROOT", ROOT.parent / "shared/data"))
+    if not (root / "scdcc_top2000").is_dir():
+        msg = f"10x_pbmc not found under {root}: set A4_DATA_ROOT to the shared data folder"
+        if os.environ.get("A4_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from a4.data import load_dataset
+
+    adata = load_dataset("10x_pbmc", data_root=root)[:500].copy()
+    table = classification_study(adata, {}, [0], tmp_path, epochs=2, batch_size=50, lr=1e-3)
+    assert list(table["input"]) == ["raw", "pca", "pca", "pca", "pca"]
+    assert (table["accuracy"] > 1 / adata.obs["Celltype"].nunique()).all()
