@@ -285,6 +285,7 @@ class AE(Model):
 
     Config = AEConfig
     kind = "ae"
+    quick = {"epochs": 2}  # compare.py --quick: a smoke run
 
     def _inputs(self, adata):
         """The encoder's input (N, M) and, with "nb", the counts and library sizes, as tensors."""

@@ -185,6 +185,7 @@ class GMVAE(Model):
 
     Config = GMVAEConfig
     clusters = True
+    quick = {"epochs": 2, "warmup": 1}  # compare.py --quick: a smoke run
 
     def _select_genes(self, adata):
         """Indices of the genes the model reads: all, or the ``n_top_genes`` most variable."""
