@@ -31,12 +31,14 @@ from a4 import cli
 
 if __name__ == "__main__":  # --help and a bad flag answer at once, before the heavy imports below
     ARGS = cli.parse_assignment_args(sys.argv[1:])
+    cli.quiet_known_warnings("comp565_A4.py")  # before the imports: scanpy's louvain warns on import
 
 try:
     import anndata
     import matplotlib
 
     matplotlib.use("Agg")  # figures go to files; no display needed
+    import matplotlib.colors as mcolors
     import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
@@ -184,8 +186,12 @@ def _labels(adata):
 # ------------------------------------------------------------------------------ Question 2
 
 
-def monitor_perf(perf, objective, path):
+def monitor_perf(perf, objective, path, title=None):
     """Objective (top) and ARI (bottom) against iteration; saved to ``path`` and a PNG twin.
+
+    When the first iterations' values squash the objective's axis (after the first 5% of the
+    iterations the curve spans less than a fifth of the axis), an inset redraws the rest of
+    the curve on its own scale, so that its later fall or rise can be read.
 
     Parameters
     ----------
@@ -195,15 +201,37 @@ def monitor_perf(perf, objective, path):
         Name of the objective (y label of the top panel).
     path : str or Path
         Output file, e.g. ``figures/nmf_sse.eps``.
+    title : str, optional
+        Above the top panel, e.g. the model's name.
     """
     fig, (ax_obj, ax_ari) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
-    ax_obj.plot(perf[:, 0], perf[:, 1], color="tab:blue")
+    it, values = perf[:, 0], perf[:, 1]
+    ax_obj.plot(it, values, color="tab:blue")
     ax_obj.set_ylabel(objective)
-    ax_ari.plot(perf[:, 0], perf[:, 2], color="tab:red")
+    start = _squashed_from(values)
+    if start is not None:
+        rising = values[-1] > values[0]  # the empty corner: lower right if rising, upper right if falling
+        inset = ax_obj.inset_axes([0.42, 0.1 if rising else 0.38, 0.55, 0.5])
+        inset.plot(it[start:], values[start:], color="tab:blue")
+        inset.set_title(f"from iteration {int(it[start])}, zoomed", fontsize=8)
+        inset.tick_params(labelsize=7)
+        inset.ticklabel_format(axis="y", useOffset=False)
+    if title:
+        ax_obj.set_title(title)
+    ax_ari.plot(it, perf[:, 2], color="tab:red")
     ax_ari.set_ylabel("ARI")
     ax_ari.set_xlabel("Iteration")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _squashed_from(values, skip=0.05, span=0.2):
+    """Index after the first ``skip`` of ``values`` when the rest spans under ``span`` of the whole range, else None."""
+    start = max(1, int(len(values) * skip))
+    whole = np.ptp(values)
+    if len(values) < 20 or whole == 0 or np.ptp(values[start:]) >= span * whole:
+        return None
+    return start
 
 
 # ------------------------------------------------------------------------------ Question 3
@@ -327,7 +355,7 @@ def get_theta(model, input_x):
 
 
 def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=None, eval_every=1,
-                batch_size=None, optimizer=None, kl_weight=None, desc="scETM"):
+                batch_size=None, optimizer=None, kl_weight=None, desc="ETM"):
     """Train the ETM for ``niter`` full-batch steps, scoring theta after every step.
 
     Parameters
@@ -355,7 +383,8 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
         ``iteration -> weight`` of the KL term (a warm-up, `a4.training.linear_warmup`);
         default 1 throughout, the assignment's ELBO.
     desc : str
-        Name on the progress bar and in error messages.
+        Name on the progress bar and in error messages: ``ETM`` (the course's model) or
+        ``scETM (batch-corrected)``.
 
     Returns
     -------
@@ -403,20 +432,35 @@ def normalized_counts(adata, device="cpu"):
 def plot_ari_curves(curves, path, title=None):
     """ARI against iteration for several models on one axis.
 
+    Long curves (200 iterations or more) are drawn twice: every iteration in a light tone,
+    and over it a centred rolling mean of ``len / 40`` iterations in the full colour, so that
+    a noisy curve does not hide the others (EPS has no transparency: the light tone is the
+    colour mixed with white).
+
     Parameters
     ----------
     curves : dict of str -> ndarray (niter, 3)
         Model name -> perf table.
     path : str or Path
+    title : str, optional
     """
     fig, ax = plt.subplots(figsize=(6, 4))
+    longest = max(len(perf) for perf in curves.values())
+    window = longest // 40 if longest >= 200 else 1
+    colors = dict(zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    if window > 1:
+        for name, perf in curves.items():  # first every raw curve, then every mean above them all
+            light = 0.35 * np.asarray(mcolors.to_rgb(colors[name])) + 0.65  # 35% colour, 65% white
+            ax.plot(perf[:, 0], perf[:, 2], color=light, linewidth=0.8)
     for name, perf in curves.items():
-        ax.plot(perf[:, 0], perf[:, 2], label=name)
+        ari = pd.Series(perf[:, 2]).rolling(window, center=True, min_periods=1).mean() if window > 1 else perf[:, 2]
+        ax.plot(perf[:, 0], ari, color=colors[name], label=name, linewidth=1.6 if window > 1 else 1.5)
     ax.set_xlabel("Iteration")
     ax.set_ylabel("ARI")
     if title:
         ax.set_title(title)
-    ax.legend(framealpha=1)  # EPS has no transparency
+    legend_title = (f"light: every iteration; dark: mean of {window}" if window > 1 else None)
+    ax.legend(framealpha=1, title=legend_title, title_fontsize=8)  # EPS has no transparency
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -424,8 +468,37 @@ def plot_ari_curves(curves, path, title=None):
 # ------------------------------------------------------------------------------ Question 6
 
 
+def celltype_palette(adata, key="Celltype"):
+    """One colour per cell type, kept once in ``adata.uns[key + '_colors']`` for every figure.
+
+    scanpy's convention: the list follows ``adata.obs[key].cat.categories``, and
+    ``sc.pl.embedding`` reads it from there. Made once (scanpy's default palette for that many
+    categories) when absent or of the wrong length.
+
+    Returns
+    -------
+    dict of str -> str
+        Cell type -> hex colour (the values of ``adata.uns[key + '_colors']``).
+    """
+    if not isinstance(adata.obs[key].dtype, pd.CategoricalDtype):
+        adata.obs[key] = adata.obs[key].astype("category")
+    names = list(adata.obs[key].cat.categories)
+    colors = adata.uns.get(f"{key}_colors")
+    if colors is None or len(colors) != len(names):
+        adata.uns[f"{key}_colors"] = list(_default_colors(len(names)))
+    return dict(zip(names, adata.uns[f"{key}_colors"]))
+
+
+def _default_colors(n):
+    """scanpy's default palette for ``n`` categories (what ``sc.pl`` would pick by itself)."""
+    palettes = sc.pl.palettes
+    return (palettes.default_20 if n <= 20 else palettes.default_28 if n <= 28 else palettes.default_102)[:n]
+
+
 def plot_tsne(adata, reps, path, seed=0):
     """t-SNE (``sc.tl.tsne``) of several embeddings, side by side, coloured by cell type.
+
+    The colours are ``adata.uns['Celltype_colors']`` (`celltype_palette`), the clustermap's.
 
     Parameters
     ----------
@@ -447,6 +520,7 @@ def plot_tsne(adata, reps, path, seed=0):
     # single-threaded OpenMP never waits on a core that another process holds
     with ThreadPoolExecutor(max_workers=min(len(reps), available_cores())) as pool:
         layouts = dict(zip(reps, pool.map(tsne, reps)))
+    celltype_palette(adata)  # the one palette, in adata.uns['Celltype_colors']
     fig, axes = plt.subplots(1, len(reps), figsize=(6.5 * len(reps), 5.5))
     axes = np.atleast_1d(axes)
     for ax, (rep, title) in zip(axes, reps.items()):
@@ -460,26 +534,52 @@ def plot_tsne(adata, reps, path, seed=0):
 # ------------------------------------------------------------------------------ Question 7
 
 
-def plot_cells_topics(theta, cell_types, path):
+def plot_cells_topics(theta, cell_types, path, palette=None, title="ETM theta"):
     """Cells x topics heatmap of theta, clustered, rows coloured by cell type.
+
+    The heatmap's cells and the row colours are rasterized inside the vector figure (one
+    image instead of N x K rectangles); axes, labels and dendrograms stay vector.
 
     Parameters
     ----------
     theta : ndarray, shape (N, K)
     cell_types : array-like, shape (N,)
     path : str or Path
+    palette : dict of str -> colour, optional
+        Cell type -> colour: the t-SNE's, ``celltype_palette(adata)``. Default: scanpy's default
+        palette over the sorted cell types, which is what `celltype_palette` makes.
+    title : str
+        What theta is called in the title (the model's name).
     """
     cell_types = pd.Series(np.asarray(cell_types), name="cell type")
     names = sorted(cell_types.unique())
-    palette = dict(zip(names, sns.color_palette("tab20", len(names))))
+    if palette is None:
+        palette = dict(zip(names, _default_colors(len(names))))
     frame = pd.DataFrame(theta, columns=[f"topic {k}" for k in range(theta.shape[1])])
     grid = sns.clustermap(frame, cmap="Reds", row_colors=cell_types.map(palette).to_numpy(),
                           yticklabels=False, figsize=(8, 9), cbar_kws={"label": "theta"})
+    for ax in (grid.ax_heatmap, grid.ax_row_colors):
+        _mesh_as_image(ax)
     grid.ax_heatmap.set_ylabel("")
-    grid.ax_col_dendrogram.set_title(f"scETM theta: {frame.shape[0]} cells x {frame.shape[1]} topics")
+    grid.ax_col_dendrogram.set_title(f"{title}: {frame.shape[0]} cells x {frame.shape[1]} topics")
     grid.figure.legend(handles=[Patch(facecolor=palette[n], label=n) for n in names],
                        title="cell type", loc="center left", bbox_to_anchor=(0.98, 0.5), frameon=False)
     save_figure(grid.figure, path)
+
+
+def _mesh_as_image(ax):
+    """Redraw ``ax``'s heatmap (a QuadMesh of rows x columns rectangles) as one embedded image.
+
+    With ``interpolation='none'`` a vector backend embeds the image at its own resolution, one
+    pixel per cell (1886 x 16 for theta): the EPS holds the same cells in a small fraction of
+    the bytes of 30,000 rectangles, and the colour bar, still tied to the hidden mesh, is unchanged.
+    """
+    mesh = ax.collections[0]
+    rows, cols = (n - 1 for n in mesh.get_coordinates().shape[:2])  # corners: (rows + 1, cols + 1, 2)
+    values = np.asarray(mesh.get_array()).reshape(rows, cols)
+    ax.imshow(values, cmap=mesh.get_cmap(), norm=mesh.norm, aspect="auto", interpolation="none",
+              extent=(0, cols, rows, 0))
+    mesh.set_visible(False)
 
 
 # ------------------------------------------------------------------------------ Question 8
@@ -502,14 +602,19 @@ def top_genes(beta, genes, n_top=5):
     return [[genes[j] for j in row] for row in order]
 
 
-def plot_top_genes(beta, genes, path, n_top=5):
+def plot_top_genes(beta, genes, path, n_top=5, title="ETM"):
     """Heatmap of beta for the top ``n_top`` genes of every topic (rows), topics (columns).
+
+    The colours stop at the assignment's ``vmax=0.2``; the colour bar's arrow marks that
+    larger values (Gcg reaches about 0.6) are drawn in the top colour.
 
     Parameters
     ----------
     beta : ndarray, shape (K, M)
     genes : sequence of str, length M
     path : str or Path
+    title : str
+        The model's name, in the title.
     """
     gene_index = {g: j for j, g in enumerate(genes)}
     rows = list(dict.fromkeys(g for topic in top_genes(beta, genes, n_top) for g in topic))
@@ -517,7 +622,8 @@ def plot_top_genes(beta, genes, path, n_top=5):
                          columns=[str(k) for k in range(beta.shape[0])])
     fig, ax = plt.subplots(figsize=(7, max(6, 0.16 * len(rows))))
     sns.heatmap(frame, vmax=0.2, cmap="Reds", ax=ax, yticklabels=True,
-                cbar_kws={"label": "beta (topic-gene probability)"})
+                cbar_kws={"label": "beta (topic-gene probability)", "extend": "max"})
+    ax.set_title(f"{title}: top {n_top} genes of each topic", fontsize=10)
     ax.set_xlabel("topic")
     ax.set_ylabel(f"top {n_top} genes of each topic")
     ax.tick_params(axis="y", labelsize=6)
@@ -544,6 +650,11 @@ def alpha_topic(theta, cell_types, beta, genes, n_top=5):
 
 
 # ------------------------------------------------------------------------------ main
+
+
+# What the figures, progress bars and printed lines call the model of Q4-Q8 (``--model``).
+MODEL_NAMES = {"etm": "ETM", "scetm": "scETM (batch-corrected)"}
+PSN_OBJECTIVE = "mean of x log(WH) - WH\n(Poisson log-likelihood without -log x!)"
 
 
 def perf_frame(perf, objective):
@@ -579,6 +690,9 @@ def run(args, progress):
         build_course_folder(args.data_dir, source=args.download)
     adata = load_data(args.data_dir)
     fig_dir = prepare_dir(args.figures_dir)
+    print(f"{adata.n_obs} cells x {adata.n_vars} genes from {os.path.abspath(args.data_dir)}; Q4-Q8 with the "
+          f"{MODEL_NAMES[args.model]} on {args.device} ({args.precision} encoder); {args.jobs} ARI worker(s), "
+          f"{args.threads} training thread(s); outputs in {fig_dir.absolute()}", flush=True)
     seed_everything(args.seed)
     # Training shares the cores with the scoring workers: more threads than its share would
     # leave OpenMP/BLAS threads spinning at barriers for a core that a worker holds.
@@ -588,6 +702,8 @@ def run(args, progress):
     cell_types = adata.obs["Celltype"].to_numpy()
     M, N = adata.n_vars, adata.n_obs
     X = adata.X.T.tocsr().astype(np.float64)  # genes x cells, as the assignment writes X
+    name = MODEL_NAMES[args.model]
+    palette = celltype_palette(adata)  # one colour per cell type, in adata.uns, for every figure
 
     # workers first: they fork before torch has started any thread pool
     with ARIScorer(cell_types, seed=args.seed, n_workers=args.jobs) as scorer:
@@ -599,17 +715,18 @@ def run(args, progress):
         W_sse, H_sse, perf_sse = nmf_sse(X, W_init, H_init, adata, args.niter_nmf, scorer, eval_every=every)
         seconds = time.perf_counter() - t0
         write_csv(perf_frame(perf_sse, "mse"), fig_dir / "perf_nmf_sse.csv")
-        monitor_perf(perf_sse, "MSE", fig_dir / "nmf_sse.eps")
-        progress.stage("nmf_sse", seconds, perf_sse)  # finished = its files are written
+        monitor_perf(perf_sse, "MSE", fig_dir / "nmf_sse.eps", title="NMF-SSE")
+        progress.stage("nmf_sse", seconds, perf_sse, "Q1-Q2 NMF-SSE", "MSE")  # finished = files written
 
         # Q3
         t0 = time.perf_counter()
         W_psn, H_psn, perf_psn = nmf_psn(X, W_init, H_init, adata, args.niter_nmf, scorer, eval_every=every)
         seconds = time.perf_counter() - t0
         write_csv(perf_frame(perf_psn, "poisson_loglik"), fig_dir / "perf_nmf_psn.csv")
-        monitor_perf(perf_psn, "Poisson log-likelihood", fig_dir / "nmf_psn.eps")
-        plot_ari_curves({"NMF-SSE": perf_sse, "NMF-Poisson": perf_psn}, fig_dir / "nmf_sse_vs_psn.eps")
-        progress.stage("nmf_psn", seconds, perf_psn)
+        monitor_perf(perf_psn, PSN_OBJECTIVE, fig_dir / "nmf_psn.eps", title="NMF-Poisson")
+        plot_ari_curves({"NMF-SSE": perf_sse, "NMF-Poisson": perf_psn}, fig_dir / "nmf_sse_vs_psn.eps",
+                        title="NMF-SSE and NMF-Poisson")
+        progress.stage("nmf_psn", seconds, perf_psn, "Q3 NMF-Poisson", "log-likelihood")
 
         # Q4
         t0 = time.perf_counter()
@@ -618,11 +735,11 @@ def run(args, progress):
         model.set_encoder_bf16(args.precision == "bf16")
         model, perf_etm = train_scETM(model, X_tensor, X_tensor_normalized, adata, args.niter_etm, scorer,
                                       eval_every=every, batch_size=args.etm_batch_size,
-                                      optimizer=optimizer, kl_weight=kl_weight)
+                                      optimizer=optimizer, kl_weight=kl_weight, desc=name)
         seconds = time.perf_counter() - t0
         write_csv(perf_frame(perf_etm, "nelbo"), fig_dir / "perf_scETM.csv")
-        monitor_perf(perf_etm, "NELBO", fig_dir / "scETM_train.eps")
-        progress.stage("etm", seconds, perf_etm)
+        monitor_perf(perf_etm, "NELBO", fig_dir / "scETM_train.eps", title=f"{name} ({args.precision} encoder)")
+        progress.stage("etm", seconds, perf_etm, f"Q4 {name}", "NELBO")
 
         # Q5: the long run continues the 100-iteration run: the updates are deterministic,
         # so its first iterations are exactly Q3's.
@@ -637,9 +754,12 @@ def run(args, progress):
         seconds_long = time.perf_counter() - t0
     progress.summary["ari_scoring"] = dict(scorer.stats(), workers=args.jobs, training_threads=args.threads)
     write_csv(perf_frame(perf_long, "poisson_loglik"), fig_dir / "perf_nmf_psn_1000.csv")
-    monitor_perf(perf_long, "Poisson log-likelihood", fig_dir / "nmf_psn_1000.eps")
-    plot_ari_curves({"NMF-Poisson": perf_long, "scETM": perf_etm}, fig_dir / "nmf_psn_vs_scETM.eps")
-    progress.stage("nmf_psn_1000", seconds_long, perf_long)
+    monitor_perf(perf_long, PSN_OBJECTIVE, fig_dir / "nmf_psn_1000.eps",
+                 title=f"NMF-Poisson, {args.niter_long} iterations")
+    plot_ari_curves({"NMF-Poisson": perf_long, name: perf_etm}, fig_dir / "nmf_psn_vs_scETM.eps",
+                    title=f"NMF-Poisson and {name}")
+    progress.stage("nmf_psn_1000", seconds_long, perf_long, f"Q5 NMF-Poisson, {args.niter_long} iterations",
+                   "log-likelihood")
 
     # Q6-Q8
     t0 = time.perf_counter()
@@ -650,11 +770,11 @@ def run(args, progress):
     adata.obsm["X_etm"] = theta
     adata.obsm["X_nmf_psn_1000"] = H_long.T
     adata.obsm.pop("cell_embed", None)
-    plot_tsne(adata, {"X_etm": "scETM theta", "X_nmf_psn_1000": "NMF-Poisson H"},
+    plot_tsne(adata, {"X_etm": f"{name} theta", "X_nmf_psn_1000": f"NMF-Poisson H ({args.niter_long} iterations)"},
               fig_dir / "tsne_scETM_vs_nmf.eps", seed=args.seed)
-    plot_cells_topics(theta, cell_types, fig_dir / "cells_topics_heatmap.eps")
-    plot_top_genes(beta, genes, fig_dir / "topics_top_genes_heatmap.eps")
-    progress.stage("figures", time.perf_counter() - t0)
+    plot_cells_topics(theta, cell_types, fig_dir / "cells_topics_heatmap.eps", palette, title=f"{name} theta")
+    plot_top_genes(beta, genes, fig_dir / "topics_top_genes_heatmap.eps", title=f"{name} beta")
+    progress.stage("figures", time.perf_counter() - t0, label="Q6-Q8 figures")
 
     adata.varm["etm_beta"] = beta.T
     adata.varm["W_nmf_sse"] = W_sse
@@ -717,7 +837,9 @@ def main(argv=None, args=None):
         return 1 if not isinstance(exc, DataError) else 2
     summary = progress.write(summary_path)
     ari = summary["final_ari"]
-    print("final ARI: " + ", ".join(f"{k} {v:.3f}" for k, v in ari.items())
+    names = {"nmf_sse": "NMF-SSE", "nmf_psn": "NMF-Poisson", "etm": MODEL_NAMES[args.model],
+             "nmf_psn_1000": f"NMF-Poisson ({args.niter_long})"}
+    print("final ARI: " + ", ".join(f"{names[k]} {v:.3f}" for k, v in ari.items())
           + f"; total {summary['wall_seconds']['total']:.1f} s; outputs in {args.figures_dir}/")
     return 0
 

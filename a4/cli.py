@@ -74,16 +74,26 @@ def quiet_known_warnings(prog):
     ):
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from a4.data import DataWarning
-
-    default_format = warnings.formatwarning
+    default_format = getattr(warnings.formatwarning, "default_format", warnings.formatwarning)
 
     def one_line(message, category, *args, **kwargs):
+        # imported here, not at the top: this module stays standard-library only
+        from a4.data import DataWarning
+
         if issubclass(category, DataWarning):
             return f"{prog}: warning: {message}\n"
         return default_format(message, category, *args, **kwargs)
 
+    one_line.default_format = default_format  # calling this twice does not stack the hooks
     warnings.formatwarning = one_line
+
+
+def stderr_is_terminal():
+    """Whether the progress bars' stream (stderr) is a terminal: live bars there, else log lines."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
 
 
 def jsonable(obj):
@@ -110,8 +120,8 @@ class Progress:
         self.summary = dict(summary, stages_finished=[], wall_seconds={})
         self.started = time.perf_counter()
 
-    def stage(self, name, seconds, perf=None, label=None):
-        """Record a finished stage and print one line about it.
+    def stage(self, name, seconds, perf=None, label=None, objective="objective"):
+        """Record a finished stage and print one line about it (to stdout, flushed at once).
 
         Parameters
         ----------
@@ -122,6 +132,8 @@ class Progress:
             The stage's perf table (iteration, objective, ARI): its last row is printed.
         label : str, optional
             What the line calls the stage (default ``name``).
+        objective : str
+            What the line calls the objective (e.g. ``MSE``).
         """
         from tqdm.auto import tqdm
 
@@ -129,8 +141,10 @@ class Progress:
         self.summary["wall_seconds"][name] = round(seconds, 3)
         line = f"{label or name}: {seconds:.1f} s"
         if perf is not None:
-            line += f", {int(perf[-1, 0]) + 1} iterations, objective {perf[-1, 1]:.5g}, ARI {perf[-1, 2]:.3f}"
-        tqdm.write(line)
+            line += (f", {int(perf[-1, 0]) + 1} iterations, {objective} {perf[-1, 1]:.5g}, "
+                     f"ARI {perf[-1, 2]:.3f}")
+        tqdm.write(line, file=sys.stdout)  # clears and redraws a live bar around the line
+        sys.stdout.flush()  # in a log file, the line comes in order with stderr's
 
     def write(self, path, **extra):
         """Write the summary (with the total wall time and ``extra`` keys) to ``path``, atomically."""
@@ -154,48 +168,53 @@ def parse_assignment_args(argv=None):
 
     parser = Parser(
         prog="comp565_A4.py",
-        description="COMP 565 A4: NMF and the embedded topic model on Mouse Pancreas single cells.",
+        description="COMP 565 A4: NMF and the embedded topic model (ETM) on Mouse Pancreas single cells.",
+        epilog="On a terminal every training loop shows a live progress bar; when the output is a "
+               "file or a pipe, one line per stage (and one every 10 s of a long stage) instead. "
+               "To log a run: python comp565_A4.py > run.log 2>&1",
     )
-    parser.add_argument("--data-dir", default=os.environ.get("COMP565_DATA_DIR", "data"),
-                        help="the course's data folder (default: $COMP565_DATA_DIR, else data)")
-    parser.add_argument("--figures-dir", default="figures",
+    parser.add_argument("--data-dir", metavar="DIR", default=os.environ.get("COMP565_DATA_DIR", "data"),
+                        help="the course's data folder (default: $COMP565_DATA_DIR, else data, "
+                             "from the current folder)")
+    parser.add_argument("--figures-dir", metavar="DIR", default="figures",
                         help="where figures, tables and results go (default: figures)")
-    parser.add_argument("--seed", type=non_negative_int, default=0,
+    parser.add_argument("--seed", metavar="N", type=non_negative_int, default=0,
                         help="seeds numpy (NMF initialization), torch (ETM) and Louvain (default: 0)")
-    parser.add_argument("--niter-nmf", type=positive_int, default=100,
+    parser.add_argument("--niter-nmf", metavar="N", type=positive_int, default=100,
                         help="NMF iterations, Q1 and Q3 (default: 100)")
-    parser.add_argument("--niter-etm", type=positive_int, default=1000, help="ETM steps, Q4 (default: 1000)")
-    parser.add_argument("--niter-long", type=positive_int, default=1000,
+    parser.add_argument("--niter-etm", metavar="N", type=positive_int, default=1000,
+                        help="ETM steps, Q4 (default: 1000)")
+    parser.add_argument("--niter-long", metavar="N", type=positive_int, default=1000,
                         help="NMF-Poisson iterations for the comparison with the ETM, Q5 (default: 1000)")
-    parser.add_argument("--eval-every", type=positive_int, default=1,
-                        help="score the ARI every this many iterations (and at the last); the perf "
-                             "tables then hold the scored iterations only, for large data (default: 1)")
-    parser.add_argument("--etm-batch-size", type=positive_int, default=None,
-                        help="train the ETM on minibatches of this many cells, one epoch per "
-                             "iteration (default: all cells at once, as the assignment does)")
+    parser.add_argument("--eval-every", metavar="N", type=positive_int, default=1,
+                        help="score the ARI every N iterations (and at the last); the perf tables "
+                             "then hold the scored iterations only, for large data (default: 1)")
+    parser.add_argument("--etm-batch-size", metavar="B", type=positive_int, default=None,
+                        help="train the ETM on minibatches of B cells, one epoch per iteration "
+                             "(default: all cells at once, as the assignment does)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 5 NMF, 20 ETM and 20 long NMF-Poisson iterations")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="torch device for the ETM: auto (CUDA when present), cpu, cuda or cuda:N "
                              "(default: auto)")
-    parser.add_argument("--jobs", type=non_negative_int, default=None,
+    parser.add_argument("--jobs", metavar="N", type=non_negative_int, default=None,
                         help="worker processes scoring the ARI while training goes on; 0 scores in "
                              "the main process (default: one per CPU core)")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", metavar="N", type=positive_int, default=None,
                         help="threads for training: torch, BLAS, OpenMP (default: all cores with "
                              "--jobs 0, else a quarter of them, at least 1)")
     parser.add_argument("--download", nargs="?", const="geo", default=None, metavar="SOURCE",
-                        help="first build the data folder (--data-dir) from GEO GSE84133: SOURCE is "
-                             "'geo' (over the network, the default), another base URL, or a local "
-                             "folder holding the two GSM2230761/GSM2230762 count CSVs")
+                        help="first build the data folder (--data-dir) from GEO GSE84133; SOURCE: "
+                             "geo (over the network, when SOURCE is left out), another base URL, or a "
+                             "local folder holding the two GSM2230761/GSM2230762 count CSVs")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="the ETM encoder's first layer (the one large matrix product) in "
                              "bfloat16 or float32; auto: bf16 where the hardware computes it "
                              "natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32 (default: auto)")
     parser.add_argument("--model", choices=("etm", "scetm"), default="etm",
-                        help="the ETM of Q4-Q8: etm, the course's, or scetm, scETM's batch-corrected "
-                             "decoder (models/scetm.py: a gene bias per mouse, logits mixed in topic "
-                             "space; its defaults in its SCETMConfig) (default: etm)")
+                        help="the model of Q4-Q8: etm, the course's ETM, or scetm, the batch-corrected "
+                             "scETM (models/scetm.py: a gene bias per mouse, logits mixed in topic "
+                             "space; its settings in its SCETMConfig) (default: etm)")
     parser.add_argument("--batch-correct", dest="model", action="store_const", const="scetm",
                         help="the same as --model scetm")
     args = parser.parse_args(argv)

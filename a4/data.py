@@ -149,10 +149,17 @@ def load_course_data(data_dir):
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         what = "is a file, not a folder" if data_dir.exists() else "does not exist"
-        raise DataError(f"data folder {data_dir} {what}; {HOW_TO_GET}")
+        raise DataError(f"data folder {data_dir.absolute()} {what}; {HOW_TO_GET}")
     missing = [name for name in COURSE_FILES if not (data_dir / name).is_file()]
     if missing:
-        raise DataError(f"data folder {data_dir} lacks {', '.join(missing)}; {HOW_TO_GET}")
+        try:
+            below = sorted(sub for sub in data_dir.iterdir() if sub.is_dir() and (sub / "MP.pickle").is_file())
+        except OSError:  # an unreadable folder: no hint, the message below
+            below = []
+        if below:  # --data-dir names the folder that holds the course folder
+            raise DataError(f"data folder {data_dir.absolute()} lacks {', '.join(missing)}; the course folder "
+                            f"is one level down at {below[0].absolute()}: pass --data-dir {below[0]}")
+        raise DataError(f"data folder {data_dir.absolute()} lacks {', '.join(missing)}; {HOW_TO_GET}")
 
     df = safe_load_pickle(data_dir / "MP.pickle")
     genes = safe_load_pickle(data_dir / "MP_genes.pickle")

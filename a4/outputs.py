@@ -45,7 +45,11 @@ def prepare_dir(path, what="--figures-dir"):
 
 
 def save_figure(fig, path, png_twin=True):
-    """Save ``fig`` to ``path`` (format from its suffix) and a ``.png`` twin, then close it."""
+    """Save ``fig`` to ``path`` (format from its suffix) and a ``.png`` twin, then close it.
+
+    The PNG at 150 dpi; vector formats keep the figure's dpi for what they embed as images
+    (EPS stores images uncompressed: a higher dpi multiplies their size).
+    """
     path = Path(path)
     targets = [path]
     if png_twin and path.suffix.lower() != ".png":

@@ -73,6 +73,7 @@ class ARIScorer:
         self.seed = int(seed)
         self.n_workers = int(n_workers)
         self.latest = float("nan")
+        self.latest_tag = None  # the tag ``latest`` belongs to
         self._done = {}
         self._pending = set()
         self._procs = []
@@ -141,7 +142,7 @@ class ARIScorer:
         if error is not None:
             raise RuntimeError(f"scoring {tag} failed in a worker: {error}")
         self._done[tag] = ari
-        self.latest = ari
+        self.latest, self.latest_tag = ari, tag
 
     def stats(self):
         """Embeddings scored, summed over workers (after `close`)."""
@@ -185,6 +186,7 @@ class NoScorer:
     """
 
     latest = float("nan")
+    latest_tag = None
 
     def submit(self, tag, embed):
         pass
@@ -218,8 +220,13 @@ class PerfRecorder:
     The objective is kept every iteration; the embedding is scored with the assignment's
     clustering every ``eval_every`` iterations and at the last one (by default every one),
     and ``table()`` returns the scored rows. A non-finite objective stops training with an
-    error naming the stage and the iteration. The progress bar shows the objective and the
-    newest ARI.
+    error naming the stage and the iteration.
+
+    Progress: on a terminal (stderr a tty) a live tqdm bar showing the objective and the newest
+    ARI of this loop with the iteration it belongs to (scores arrive from the workers a few
+    iterations late); elsewhere (a log file, a pipe: tqdm's ``disable=None`` convention) no
+    carriage-return updates, only a plain line on stdout every ``log_every`` seconds of a long
+    loop; the caller prints the stage's final line.
 
     Parameters
     ----------
@@ -239,14 +246,22 @@ class PerfRecorder:
         Score every this many iterations.
     """
 
+    log_every = 10.0  # seconds between two progress lines when the output is not a terminal
+
     def __init__(self, stage, objective, niter, true_labels, scorer=None, start_iter=0, eval_every=1):
         from tqdm.auto import tqdm
+
+        from a4.cli import stderr_is_terminal
 
         self.stage, self.objective = stage, objective
         self.scorer = scorer if scorer is not None else ARIScorer(true_labels)
         self.start_iter, self.eval_every, self.niter = start_iter, eval_every, niter
         self.rows = []  # (iteration, objective) of the scored iterations
-        self.bar = tqdm(range(niter), desc=stage, leave=False, dynamic_ncols=True)
+        self.shown = None  # (iteration, ARI): the newest score of this loop
+        self.live = stderr_is_terminal()
+        self.started = self.last_line = time.monotonic()
+        self.bar = tqdm(range(niter), desc=stage, leave=False, dynamic_ncols=True, disable=not self.live,
+                        initial=start_iter, total=start_iter + niter)  # a continued run counts on
 
     def __iter__(self):
         return iter(self.bar)
@@ -262,7 +277,30 @@ class PerfRecorder:
         if (iteration + 1) % self.eval_every == 0 or i == self.niter - 1:
             self.rows.append((iteration, objective))
             self.scorer.submit((self.stage, iteration), embed)
-        self.bar.set_postfix({self.objective: f"{objective:.5g}", "ari": f"{self.scorer.latest:.3f}"})
+        self._show(i, objective)
+
+    def status(self, objective):
+        """``objective=..., ari=... (iteration j)``: the newest ARI of this loop, never another's."""
+        tag = self.scorer.latest_tag
+        ours = isinstance(tag, tuple) and len(tag) == 2 and tag[0] == self.stage
+        if ours and (self.shown is None or tag[1] > self.shown[0]):  # workers may finish out of order
+            self.shown = (tag[1], self.scorer.latest)
+        text = f"{self.objective}={objective:.5g}"
+        if self.shown is not None:
+            text += f", ari={self.shown[1]:.3f} (iteration {self.shown[0]})"
+        elif not isinstance(self.scorer, NoScorer):
+            text += ", ari pending"
+        return text
+
+    def _show(self, i, objective):
+        if self.live:
+            self.bar.set_postfix_str(self.status(objective), refresh=False)  # drawn at tqdm's pace
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.log_every and i < self.niter - 1:
+            self.last_line = now
+            print(f"{self.stage}: {self.start_iter + i + 1}/{self.start_iter + self.niter} iterations, "
+                  f"{now - self.started:.0f} s, {self.status(objective)}", flush=True)
 
     def table(self):
         """ndarray (scored iterations, 3): iteration, objective, ARI (waits for the scores)."""

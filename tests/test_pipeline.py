@@ -82,6 +82,18 @@ def test_quick_run_summary(quick_run):
     assert summary["stages_finished"] == ["nmf_sse", "nmf_psn", "etm", "nmf_psn_1000", "figures"]
 
 
+def test_quick_run_keeps_one_palette_and_a_compact_heatmap(quick_run):
+    """One colour per cell type, stored once (scanpy's uns convention) and saved with the results;
+    the 1886 x 16 heatmap is one embedded image in the EPS, not 30,000 rectangles."""
+    import scanpy as sc
+
+    _, out = quick_run
+    colors = list(anndata.read_h5ad(out / "mp_results.h5ad").uns["Celltype_colors"])
+    assert len(colors) == len(set(colors)) == 13
+    assert colors == list(sc.pl.palettes.default_20[:13])
+    assert (out / "cells_topics_heatmap.eps").stat().st_size < 1_500_000  # 6.6 MB as rectangles
+
+
 def test_missing_data_folder_is_one_clear_error_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "figures"
     code = comp565_A4.main(["--data-dir", str(tmp_path / "nowhere"), "--figures-dir", str(out)])
