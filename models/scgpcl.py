@@ -425,6 +425,7 @@ class SCGPCL(Model):
 
     Config = SCGPCLConfig
     clusters = True
+    quick = {"epochs": 2, "warmup": 1, "fine_epochs": 1}  # compare.py --quick: a smoke run
 
     def _inputs(self, adata):
         """Tensors of ``adata``'s kept genes: counts, size factors, features (see `preprocess`)."""
