@@ -309,6 +309,7 @@ class JAE(Model):
     """
 
     Config = JAEConfig
+    quick = {"epochs": 2}  # compare.py --quick: a smoke run
     supervised = True
 
     def _inputs(self, adata):
