@@ -14,6 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _missing_data(msg):
+    """Skip for want of the real data, or fail where it must be there (A4_REQUIRE_DATA=1, as in CI)."""
+    if os.environ.get("A4_REQUIRE_DATA") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    """The folder of the named data sets (``A4_DATA_ROOT``, else ``../shared/data``), every one in it."""
+    from a4.data import DATASETS
+
+    root = Path(os.environ.get("A4_DATA_ROOT") or ROOT.parent / "shared/data")
+    missing = sorted({spec.folder for spec in DATASETS.values()} - {p.name for p in root.glob("*") if p.is_dir()})
+    if missing:
+        _missing_data(f"named data sets not found in {root} (no {', '.join(missing)}): set A4_DATA_ROOT "
+                      "to the folder holding them (e.g. ../shared/data)")
+    return root
+
+
 def _real_data_dir():
     candidates = [os.environ.get("COMP565_DATA_DIR"), ROOT / "data", ROOT.parent / "shared/data/mouse_pancreas"]
     for c in candidates:
@@ -27,11 +47,8 @@ def real_data_dir():
     """The course's data folder; skips (fails when A4_REQUIRE_DATA=1, as in CI) when absent."""
     path = _real_data_dir()
     if path is None:
-        msg = ("real data not found: set COMP565_DATA_DIR to the course's data folder "
-               "(e.g. ../shared/data/mouse_pancreas)")
-        if os.environ.get("A4_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _missing_data("real data not found: set COMP565_DATA_DIR to the course's data folder "
+                      "(e.g. ../shared/data/mouse_pancreas)")
     return path
 
 

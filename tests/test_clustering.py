@@ -4,7 +4,6 @@ import warnings
 
 import anndata
 import numpy as np
-import pandas as pd
 import pytest
 import scanpy as sc
 

@@ -1,6 +1,5 @@
 """compare.py: the leaderboard on real data, its files, and one clear line for every bad input."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +14,6 @@ import compare
 from a4 import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_root():
-    root = Path(os.environ.get("A4_DATA_ROOT", ROOT.parent / "shared/data"))
-    if not (root / "pbmc3k").is_dir():
-        msg = f"the named data sets are not in {root}; set A4_DATA_ROOT (e.g. ../shared/data)"
-        if os.environ.get("A4_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return root
 
 
 def run(argv, capsys):

@@ -11,22 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import ROOT
 from a4.data import (BATCH_KEY, DATASETS, LABEL_KEY, DataError, DataWarning, default_data_root, load_course_data,
                      load_dataset)
-
-
-@pytest.fixture(scope="module")
-def data_root():
-    """The folder of named data sets; skips (fails when A4_REQUIRE_DATA=1, as in CI) when absent."""
-    root = os.environ.get("A4_DATA_ROOT") or ROOT.parent / "shared/data"
-    if not os.path.isdir(root):
-        msg = ("named data sets not found: set A4_DATA_ROOT to the folder holding mouse_pancreas/, pbmc3k/, ... "
-               "(e.g. ../shared/data)")
-        if os.environ.get("A4_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return root
 
 
 # name: (cells, genes, classes, batches, mod2 features, mod2 kind, the DataWarning expected or None)

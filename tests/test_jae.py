@@ -1,9 +1,7 @@
 """JAE (models/jae.py): its preprocessing, latent slices, losses, input checks, and short real runs."""
 
 import math
-import os
 import warnings
-from pathlib import Path
 
 import anndata
 import numpy as np
@@ -17,8 +15,6 @@ from models import get_model
 from models.jae import (JAE, JointFeatures, PCAJoint, cell_cycle_genes, cell_cycle_scores, jae_loss,
                         log10_normalize, markers_present, uniform_batch_loss)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_ROOT = Path(os.environ.get("A4_DATA_ROOT", ROOT.parent / "shared/data"))
 FAST = dict(epochs=3, n_components=10)
 
 
@@ -181,17 +177,12 @@ def test_jae_separates_planted_types_better_than_chance():
 
 
 @pytest.mark.parametrize("name, n_types", [("neurips_cite", 41), ("neurips_multiome", 21)])
-def test_short_run_on_the_real_subsets(name, n_types):
+def test_short_run_on_the_real_subsets(name, n_types, data_root):
     from a4.data import load_dataset
 
-    if not (DATA_ROOT / "neurips2021_bmmc_cite_subset").is_dir():
-        msg = f"NeurIPS 2021 subsets not found under {DATA_ROOT}; set A4_DATA_ROOT"
-        if os.environ.get("A4_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adata = load_dataset(name, data_root=DATA_ROOT)
+        adata = load_dataset(name, data_root=data_root)
     model = JAE(epochs=1).fit(adata, seed=0)
     z = model.get_latent(adata)
     assert model.slices["type"] == (0, n_types) and model.slices["batch"] == (n_types, n_types + 2)
