@@ -1,7 +1,5 @@
 """scGPCL (models/scgpcl.py): graph, losses against direct formulas, planted clusters, real data."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 from a4.likelihoods import zinb_loss
 from models.scgpcl import (SCGPCL, CellGeneGraph, dec_kl, granularities, instance_nce, preprocess,
                            proto_nce, select_genes, target_distribution)
-from tests.conftest import ROOT, make_counts
+from tests.conftest import make_counts
 
 FAST = dict(epochs=6, warmup=3, fine_epochs=6, batch_size=64, num_samples=(64, 32), layers=(32, 8), kmeans_n_init=4)
 
@@ -150,20 +148,10 @@ def test_planted_clusters_recovered_and_same_seed_same_clusters():
         SCGPCL(precision="fp8", **FAST).fit(adata)
 
 
-def _data_root():
-    root = Path(os.environ.get("A4_DATA_ROOT", ROOT.parent / "shared/data"))
-    if not (root / "scdcc_top2000").is_dir():
-        msg = f"real data not found under {root}: set A4_DATA_ROOT to the shared data folder"
-        if os.environ.get("A4_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return root
-
-
-def test_real_data_short_run():
+def test_real_data_short_run(data_root):
     from a4.data import load_dataset
 
-    adata = load_dataset("mouse_bladder", data_root=_data_root())[::4].copy()  # 687 cells, 2003 genes
+    adata = load_dataset("mouse_bladder", data_root=data_root)[::4].copy()  # 687 cells, 2003 genes
     model = SCGPCL(epochs=2, warmup=1, fine_epochs=1, batch_size=256, num_samples=(2048, 256)).fit(adata, seed=0)
     z = model.get_latent(adata)
     assert z.shape == (adata.n_obs, 64) and np.isfinite(z).all()
