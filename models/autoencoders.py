@@ -44,7 +44,6 @@ posterior mean ``gamma * mu`` (the mean of the spike-and-slab ``q(z | x)``).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,21 +52,13 @@ from torch import nn
 
 from a4.likelihoods import gaussian_kl, nb_log_prob
 from a4.preprocessing import dense, library_sizes, log_normalize, scale
+from a4.runtime import use_bf16
 from a4.training import predict, seed_everything, train
 from models.base import Model, check_latent
 
 # Keeps the spike probability gamma inside (0, 1) in log(gamma) and log(1 - gamma) of the VSC's
 # KL (Tonolini's code clamps it to [1e-6, 1 - 1e-6]).
 SPIKE_EPS = 1e-6
-
-
-def native_bf16():
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell; stay in float32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------- the torch module
@@ -298,9 +289,7 @@ class AE(Model):
         return (torch.log1p(counts), counts, library)
 
     def _bf16(self):
-        precision = self.config.precision
-        assert precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {precision!r}"
-        return precision == "bf16" or (precision == "auto" and native_bf16())
+        return use_bf16(self.config.precision, torch.device("cpu"))
 
     def fit(self, adata, seed=0):
         """Train on every cell of ``adata`` (N x M raw counts); returns self."""

@@ -1,8 +1,6 @@
 """AE, beta-VAE and beta-VSC (models/autoencoders.py): losses against direct computations, the
 VSC's KL against a Monte Carlo estimate, training on planted clusters, determinism, real data."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from a4.metrics import kmeans_labels
 from a4.preprocessing import log_normalize, scale
 from models import get_model
 from models.autoencoders import AutoencoderModule, make_loss, vsc_kl
-from tests.conftest import ROOT, make_counts
+from tests.conftest import make_counts
 
 TINY = {"hidden": (32, 16, 8), "latent": 4, "precision": "fp32"}
 
@@ -152,20 +150,10 @@ def test_bf16_training_stays_close_to_fp32():
     assert runs[1].history[-1]["loss"] == pytest.approx(runs[0].history[-1]["loss"], rel=0.05)
 
 
-def _data_root():
-    root = Path(os.environ.get("A4_DATA_ROOT", ROOT.parent / "shared/data"))
-    if not (root / "pbmc3k").is_dir():
-        msg = f"pbmc3k not found under {root}: set A4_DATA_ROOT to the shared data folder"
-        if os.environ.get("A4_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return root
-
-
-def test_real_pbmc3k_short_run_every_gene():
+def test_real_pbmc3k_short_run_every_gene(data_root):
     from a4.data import load_dataset
 
-    adata = load_dataset("pbmc3k", data_root=_data_root())[:300].copy()  # 300 cells, all genes
+    adata = load_dataset("pbmc3k", data_root=data_root)[:300].copy()  # 300 cells, all genes
     z_input = scale(log_normalize(adata.X))
     assert z_input.shape[1] == adata.n_vars and np.isfinite(z_input).all()
     for name in ("ae", "vae", "vsc"):

@@ -1,14 +1,12 @@
 """The classifier study (a4/classify.py): splits, the classifier on planted classes, the files."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from a4.classify import PCA_KS, classification_study, classifier, fit_classifier, pca_inputs, split_indices
-from tests.conftest import ROOT, make_counts
+from tests.conftest import make_counts
 
 
 def test_split_is_a_stratified_80_10_10_partition_drawn_by_the_seed():
@@ -75,16 +73,10 @@ def test_study_writes_csv_markdown_and_confusion(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_real_10x_pbmc_short_study(tmp_path):
-    root = Path(os.environ.get("A4_DATA_ROOT", ROOT.parent / "shared/data"))
-    if not (root / "scdcc_top2000").is_dir():
-        msg = f"10x_pbmc not found under {root}: set A4_DATA_ROOT to the shared data folder"
-        if os.environ.get("A4_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+def test_real_10x_pbmc_short_study(tmp_path, data_root):
     from a4.data import load_dataset
 
-    adata = load_dataset("10x_pbmc", data_root=root)[:500].copy()
+    adata = load_dataset("10x_pbmc", data_root=data_root)[:500].copy()
     table = classification_study(adata, {}, [0], tmp_path, epochs=2, batch_size=50, lr=1e-3)
     assert list(table["input"]) == ["raw", "pca", "pca", "pca", "pca"]
     assert (table["accuracy"] > 1 / adata.obs["Celltype"].nunique()).all()

@@ -1,9 +1,6 @@
 """scVAE's GMVAE (models/gmvae.py): the ELBO against the sum over K = 2 components written out,
 recovery of planted clusters, determinism, gene selection, real data."""
 
-import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ from torch import distributions as D
 
 from models import get_model
 from models.gmvae import GMVAEConfig, GMVAEModule, gmvae_loss, gmvae_terms
-from tests.conftest import ROOT, make_counts
+from tests.conftest import make_counts
 
 EASY = {"hidden": (32,), "latent": 4, "epochs": 30, "warmup": 15, "lr": 3e-3, "batch_size": 10}
 
@@ -101,16 +98,10 @@ def test_defaults_are_the_studys_and_the_scvae_recipe():
     assert model.get_latent(adata).shape == (15, 100)
 
 
-def test_real_10x_pbmc_short_run():
-    root = Path(os.environ.get("A4_DATA_ROOT", ROOT.parent / "shared/data"))
-    if not (root / "scdcc_top2000").is_dir():
-        msg = f"10x_pbmc not found under {root}: set A4_DATA_ROOT to the shared data folder"
-        if os.environ.get("A4_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+def test_real_10x_pbmc_short_run(data_root):
     from a4.data import load_dataset
 
-    adata = load_dataset("10x_pbmc", data_root=root)[:400].copy()
+    adata = load_dataset("10x_pbmc", data_root=data_root)[:400].copy()
     model = get_model("gmvae")(epochs=2).fit(adata, seed=0)
     assert model.module.n_components == adata.obs["Celltype"].nunique()
     assert all(np.isfinite(r["loss"]) for r in model.history)
