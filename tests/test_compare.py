@@ -111,7 +111,7 @@ def test_bad_data_files_are_one_line(tmp_path, capsys):
                         "cell_type"),
         "one class": (write_h5ad(tmp_path / "b.h5ad", ["a"] * 40), ["--label-key", "kind"], "one class"),
         "not counts": (write_h5ad(tmp_path / "c.h5ad", ["a", "b"] * 20, X=sp.csr_matrix(np.full((40, 30), 0.5))),
-                       ["--label-key", "kind"], "non-integer"),
+                       ["--label-key", "kind"], "X holds normalized values"),
     }
     for name, (path, keys, message) in cases.items():
         code, _, err = run(["--data", path, *keys, "--models", "pca", "--out", tmp_path / "out"], capsys)
