@@ -692,12 +692,12 @@ def run(args, progress):
     fig_dir = prepare_dir(args.figures_dir)
     print(f"{adata.n_obs} cells x {adata.n_vars} genes from {os.path.abspath(args.data_dir)}; Q4-Q8 with the "
           f"{MODEL_NAMES[args.model]} on {args.device} ({args.precision} encoder); {args.jobs} ARI worker(s), "
-          f"{args.threads} training thread(s); outputs in {fig_dir.absolute()}", flush=True)
+          f"training threads: {args.threads['nmf']} NMF, {args.threads['etm']} ETM; outputs in "
+          f"{fig_dir.absolute()}", flush=True)
     seed_everything(args.seed)
-    # Training shares the cores with the scoring workers: more threads than its share would
-    # leave OpenMP/BLAS threads spinning at barriers for a core that a worker holds.
-    torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
+    # Training shares the cores with the scoring workers (`split_cores`: the NMF stages keep
+    # a share, the ETM takes every core).
+    set_training_threads(args.threads["nmf"])
     genes = adata.var_names.to_list()
     cell_types = adata.obs["Celltype"].to_numpy()
     M, N = adata.n_vars, adata.n_obs
@@ -730,6 +730,7 @@ def run(args, progress):
 
         # Q4
         t0 = time.perf_counter()
+        set_training_threads(args.threads["etm"])
         X_tensor, X_tensor_normalized = normalized_counts(adata, args.device)
         model, optimizer, kl_weight = make_etm_model(args, adata)
         model.set_encoder_bf16(args.precision == "bf16")
@@ -743,6 +744,7 @@ def run(args, progress):
 
         # Q5: the long run continues the 100-iteration run: the updates are deterministic,
         # so its first iterations are exactly Q3's.
+        set_training_threads(args.threads["nmf"])
         t0 = time.perf_counter()
         if args.niter_long > args.niter_nmf:
             W_long, H_long, perf_more = nmf_psn(X, W_psn, H_psn, adata, args.niter_long - args.niter_nmf,
@@ -752,7 +754,8 @@ def run(args, progress):
             W_long, H_long, perf_long = nmf_psn(X, W_init, H_init, adata, args.niter_long, scorer,
                                                 eval_every=every)
         seconds_long = time.perf_counter() - t0
-    progress.summary["ari_scoring"] = dict(scorer.stats(), workers=args.jobs, training_threads=args.threads)
+    progress.summary["ari_scoring"] = dict(scorer.stats(), workers=args.jobs,
+                                         training_threads=args.threads)
     write_csv(perf_frame(perf_long, "poisson_loglik"), fig_dir / "perf_nmf_psn_1000.csv")
     monitor_perf(perf_long, PSN_OBJECTIVE, fig_dir / "nmf_psn_1000.eps",
                  title=f"NMF-Poisson, {args.niter_long} iterations")
@@ -790,6 +793,12 @@ def run(args, progress):
     return progress.summary
 
 
+def set_training_threads(n):
+    """Threads for torch and for BLAS/OpenMP (numpy, scipy) in this process."""
+    torch.set_num_threads(n)
+    threadpool_limits(n)
+
+
 def _scetm_summary():
     from dataclasses import asdict
 
@@ -809,9 +818,13 @@ def main(argv=None, args=None):
         sys.stderr.write(f"comp565_A4.py: error: {exc} (see --help)\n")
         return 2
     args.precision = "bf16" if use_bf16(args.precision, args.device) else "fp32"
-    default_jobs, default_threads = split_cores()
+    default_jobs, nmf_threads, etm_threads = split_cores()
     args.jobs = default_jobs if args.jobs is None else args.jobs
-    args.threads = args.threads or (default_threads if args.jobs > 0 else available_cores())
+    if args.threads is not None:  # the user's count, for every stage
+        nmf_threads = etm_threads = args.threads
+    elif args.jobs == 0:
+        nmf_threads = etm_threads = available_cores()
+    args.threads = {"nmf": nmf_threads, "etm": etm_threads}
     progress = cli.Progress({
         "seed": args.seed,
         "iterations": {"nmf_sse": args.niter_nmf, "nmf_psn": args.niter_nmf,

@@ -201,8 +201,8 @@ def parse_assignment_args(argv=None):
                         help="worker processes scoring the ARI while training goes on; 0 scores in "
                              "the main process (default: one per CPU core)")
     parser.add_argument("--threads", metavar="N", type=positive_int, default=None,
-                        help="threads for training: torch, BLAS, OpenMP (default: all cores with "
-                             "--jobs 0, else a quarter of them, at least 1)")
+                        help="threads for training: torch, BLAS, OpenMP (default: all cores for the "
+                             "ETM; for the NMFs a quarter of them, at least 1, or all with --jobs 0)")
     parser.add_argument("--download", nargs="?", const="geo", default=None, metavar="SOURCE",
                         help="first build the data folder (--data-dir) from GEO GSE84133; SOURCE: "
                              "geo (over the network, when SOURCE is left out), another base URL, or a "

@@ -1,6 +1,6 @@
 """Speed of the assignment: per-iteration cost of every stage, the whole run, and scaling.
 
-    python bench/bench.py                      # per-iteration table + the whole default run
+    python bench/bench.py                      # per-iteration table + whole default runs (fp32, and bf16 where native)
     python bench/bench.py --no-full-run        # per-iteration table only (~2 minutes)
     python bench/bench.py --scaling            # also NMF / ETM / ARI cost at 2k-100k cells
 
@@ -40,6 +40,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import comp565_A4  # noqa: E402
 from a4 import clustering  # noqa: E402
 from a4.cli import quiet_known_warnings  # noqa: E402
+from a4.runtime import native_bf16  # noqa: E402
 from a4.scoring import NoScorer, available_cores  # noqa: E402
 from bench import reference  # noqa: E402
 
@@ -209,6 +210,19 @@ def bench_tsne(adata):
     return (time.perf_counter() - t0) * 1e3
 
 
+def cpu_name():
+    """The CPU's model name and whether it multiplies bfloat16 natively."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux
+        import platform
+
+        name = platform.processor() or "unknown CPU"
+    kind = "with" if native_bf16(torch.device("cpu")) else "without"
+    return f"{name}, {available_cores()} cores, {kind} native bf16"
+
+
 def full_run(data_dir, extra=()):
     """Run comp565_A4.py end to end; wall seconds, CPU seconds and its summary.json."""
     with tempfile.TemporaryDirectory() as out:
@@ -251,7 +265,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=os.environ.get("COMP565_DATA_DIR", str(ROOT / "data")))
     parser.add_argument("--repeat", type=int, default=10, help="timed iterations per stage")
     parser.add_argument("--no-full-run", action="store_true", help="skip the end-to-end run of comp565_A4.py")
-    parser.add_argument("--full-run-args", default="", help="extra flags for the end-to-end run, e.g. '--precision fp32'")
+    parser.add_argument("--full-run-args", default="",
+                        help="extra flags for the end-to-end runs (one per precision the CPU has), e.g. '--jobs 1'")
     parser.add_argument("--scaling", action="store_true", help="also time 2k-100k cells (bench/scaling.py)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
@@ -269,16 +284,19 @@ def main(argv=None):
 
     reference_total = sum(rows[k]["reference"] * COUNTS[k] for k in ("nmf_sse", "nmf_psn", "etm")) / 1e3
     reference_total += rows["evaluate_ari"]["reference"] * COUNTS["ari"] / 1e3 + 2 * tsne_ms / 1e3
-    whole = {"reference, estimated from the per-iteration costs": round(reference_total, 1)}
+    whole = {"CPU": cpu_name(), "reference, estimated from the per-iteration costs": round(reference_total, 1)}
     if not args.no_full_run:
-        run = full_run(args.data_dir, args.full_run_args.split())
-        whole["ours, measured: wall"] = round(run["wall_s"], 1)
-        whole["ours, measured: CPU (user+sys)"] = round(run["cpu_s"], 1)
-        whole["ours: stages (wall s)"] = run["summary"]["wall_seconds"]
-        whole["ours: scoring"] = run["summary"].get("ari_scoring")
-        whole["ours: final ARI"] = {k: round(v, 3) for k, v in run["summary"]["final_ari"].items()}
-        whole["reference / ours"] = f"{reference_total / run['wall_s']:.1f}x"
-        whole["command"] = run["command"]
+        # every precision this CPU runs natively: fp32 always, bf16 where the CPU has it
+        precisions = ["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"]
+        for precision in precisions:
+            run = full_run(args.data_dir, ["--precision", precision, *args.full_run_args.split()])
+            whole[f"ours ({precision}), measured: wall"] = round(run["wall_s"], 1)
+            whole[f"ours ({precision}), measured: CPU (user+sys)"] = round(run["cpu_s"], 1)
+            whole[f"ours ({precision}): stages (wall s)"] = run["summary"]["wall_seconds"]
+            whole[f"ours ({precision}): scoring"] = run["summary"].get("ari_scoring")
+            whole[f"ours ({precision}): final ARI"] = {k: round(v, 3) for k, v in run["summary"]["final_ari"].items()}
+            whole[f"reference / ours ({precision})"] = f"{reference_total / run['wall_s']:.1f}x"
+            whole[f"command ({precision})"] = run["command"]
     print_table(rows, whole)
     if args.scaling:
         from bench import scaling

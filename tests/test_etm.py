@@ -7,7 +7,7 @@ from torch import distributions as D
 
 import comp565_A4
 from a4.likelihoods import CSRCounts, categorical_logits_nll, categorical_nll, gaussian_kl
-from etm import ETM
+from etm import ETM, EncoderLinear
 
 
 @pytest.fixture
@@ -126,6 +126,28 @@ def test_bf16_encoder_stays_close_to_float32(tensors):
     loss.backward()
     assert model.q_theta[0].weight.grad.dtype == torch.float32
     assert torch.isfinite(model.q_theta[0].weight.grad).all()
+
+
+def test_sparse_encoder_input_equals_the_dense_product(tensors):
+    adata, _, dense = tensors
+    layer = make_model(adata.n_vars).q_theta[0]
+    for _ in range(2):  # 57% nonzero: the dense product is kept
+        layer(dense)
+    assert layer._prepared[2] is dense
+    normalized = dense * (torch.rand(dense.shape) < 0.15)  # ~10% nonzero, as real counts
+    grads = []
+    for call in range(3):  # first call dense; the same input again: the kept CSR copies
+        layer.weight.grad = layer.bias.grad = None
+        out = layer(normalized)
+        assert isinstance(layer._prepared[2], tuple) == (call > 0)
+        (out ** 2).sum().backward()
+        grads.append((out.detach(), layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    batch = normalized[:7]  # a new tensor per minibatch: used once, so never converted
+    layer(batch)
+    assert layer._prepared[2] is None and layer._prepared[0] is batch
 
 
 def test_fixed_embeddings_and_bad_arguments():

@@ -139,7 +139,9 @@ def test_batch_corrected_run_writes_the_same_outputs(real_data_dir, tmp_path, qu
 
 
 # The perf tables of a short fp32 run (seed 0), recorded with the code before the model registry
-# (commit 29c1fda) on the CI's machine kind: the refactors since must not move a number.
+# (commit 29c1fda) on the CI's machine kind: the refactors since must not move a number. One
+# number moved on purpose: the sparse encoder product (etm.EncoderLinear) sums in another order,
+# and scETM's step-2 partition sits on a tie (ARI 0.4313 -> 0.4404; every NELBO unchanged).
 SHORT_RUN = ["--niter-nmf", "3", "--niter-etm", "6", "--niter-long", "5", "--precision", "fp32", "--jobs", "0"]
 PINNED_NMF = {
     "perf_nmf_sse": [(0, 28.612425003223155, 0.0), (1, 3.8164635207856494, 0.1466598618560159),
@@ -153,7 +155,7 @@ PINNED_ETM = {
             (2, 9642.8212890625, 0.4666948251087896), (3, 9639.4111328125, 0.5321939216256144),
             (4, 9635.7763671875, 0.5353476129842634), (5, 9631.9423828125, 0.5360939145079839)],
     "scetm": [(0, 9654.35546875, 0.567705882517137), (1, 9631.7998046875, 0.5677241494768286),
-              (2, 9604.771484375, 0.431334378307765), (3, 9568.7021484375, 0.4277817807034131),
+              (2, 9604.771484375, 0.4404232636851322), (3, 9568.7021484375, 0.4277817807034131),
               (4, 9521.9482421875, 0.3857857562913762), (5, 9463.658203125, 0.3803684711102012)],
 }
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from a4 import clustering
-from a4.scoring import ARIScorer
+from a4.scoring import ARIScorer, split_cores
 
 
 def blobs(n_per=50, n_types=4, dim=8, spread=0.3, seed=0):
@@ -41,3 +41,9 @@ def test_scorer_reports_its_counts():
         scorer.collect(range(3))
         scorer.close()
         assert scorer.stats() == {"scored": 3}, workers
+
+
+def test_split_cores_gives_workers_every_core_and_the_etm_every_thread():
+    assert split_cores(1) == (1, 1, 1)
+    assert split_cores(2) == (2, 1, 2)
+    assert split_cores(16) == (16, 4, 16)
