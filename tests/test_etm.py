@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import distributions as D
 
 import comp565_A4
@@ -148,6 +149,42 @@ def test_sparse_encoder_input_equals_the_dense_product(tensors):
     batch = normalized[:7]  # a new tensor per minibatch: used once, so never converted
     layer(batch)
     assert layer._prepared[2] is None and layer._prepared[0] is batch
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_encoder_gradients_equal_autograd_of_linear(bf16):
+    torch.manual_seed(0)
+    x = torch.rand(300, 500)  # dense: its own form, or its bf16 copy
+    layer = EncoderLinear(500, 64)
+    layer.bf16 = bf16
+    grad = torch.randn(300, 64)
+    z = x.bfloat16() if bf16 else x
+    w, b = (layer.weight.bfloat16(), layer.bias.bfloat16()) if bf16 else (layer.weight, layer.bias)
+    F.linear(z, w, b).float().backward(grad)  # what autograd does for a plain nn.Linear
+    expected = [layer.weight.grad.clone(), layer.bias.grad.clone()]
+    for _ in range(2):  # the second call reuses the kept product
+        layer.weight.grad = layer.bias.grad = None
+        layer(x).backward(grad)
+        torch.testing.assert_close([layer.weight.grad, layer.bias.grad], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_scoring_between_steps_does_not_change_training(tensors, bf16):
+    """get_theta's product is kept for the next step: the same parameters, bit for bit."""
+    adata, counts, normalized = tensors
+    normalized = normalized * (torch.rand(normalized.shape) < 0.15)  # sparse, as real counts
+    params = []
+    for score in (False, True):
+        model = make_model(adata.n_vars)
+        model.set_encoder_bf16(bf16)
+        torch.manual_seed(1)
+        for _ in range(4):
+            comp565_A4.train_scETM_helper(model, counts, normalized)
+            if score:
+                comp565_A4.get_theta(model, normalized)
+        params.append([q.detach().clone() for q in model.parameters()])
+    torch.testing.assert_close(params[1], params[0], rtol=0, atol=0)
+    assert not torch.equal(params[0][0], make_model(adata.n_vars).rho.weight)  # it trained
 
 
 def test_fixed_embeddings_and_bad_arguments():
