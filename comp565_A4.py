@@ -692,12 +692,12 @@ def run(args, progress):
     fig_dir = prepare_dir(args.figures_dir)
     print(f"{adata.n_obs} cells x {adata.n_vars} genes from {os.path.abspath(args.data_dir)}; Q4-Q8 with the "
           f"{MODEL_NAMES[args.model]} on {args.device} ({args.precision} encoder); {args.jobs} ARI worker(s), "
-          f"training threads: {args.threads['nmf']} NMF, {args.threads['etm']} ETM; outputs in "
+          f"training threads: {args.training_threads['nmf']} NMF, {args.training_threads['etm']} ETM; outputs in "
           f"{fig_dir.absolute()}", flush=True)
     seed_everything(args.seed)
     # Training shares the cores with the scoring workers (`split_cores`: the NMF stages keep
     # a share, the ETM takes every core).
-    set_training_threads(args.threads["nmf"])
+    set_training_threads(args.training_threads["nmf"])
     genes = adata.var_names.to_list()
     cell_types = adata.obs["Celltype"].to_numpy()
     M, N = adata.n_vars, adata.n_obs
@@ -730,7 +730,7 @@ def run(args, progress):
 
         # Q4
         t0 = time.perf_counter()
-        set_training_threads(args.threads["etm"])
+        set_training_threads(args.training_threads["etm"])
         X_tensor, X_tensor_normalized = normalized_counts(adata, args.device)
         model, optimizer, kl_weight = make_etm_model(args, adata)
         model.set_encoder_bf16(args.precision == "bf16")
@@ -744,7 +744,7 @@ def run(args, progress):
 
         # Q5: the long run continues the 100-iteration run: the updates are deterministic,
         # so its first iterations are exactly Q3's.
-        set_training_threads(args.threads["nmf"])
+        set_training_threads(args.training_threads["nmf"])
         t0 = time.perf_counter()
         if args.niter_long > args.niter_nmf:
             W_long, H_long, perf_more = nmf_psn(X, W_psn, H_psn, adata, args.niter_long - args.niter_nmf,
@@ -755,7 +755,7 @@ def run(args, progress):
                                                 eval_every=every)
         seconds_long = time.perf_counter() - t0
     progress.summary["ari_scoring"] = dict(scorer.stats(), workers=args.jobs,
-                                         training_threads=args.threads)
+                                         training_threads=args.training_threads)
     write_csv(perf_frame(perf_long, "poisson_loglik"), fig_dir / "perf_nmf_psn_1000.csv")
     monitor_perf(perf_long, PSN_OBJECTIVE, fig_dir / "nmf_psn_1000.eps",
                  title=f"NMF-Poisson, {args.niter_long} iterations")
@@ -824,7 +824,7 @@ def main(argv=None, args=None):
         nmf_threads = etm_threads = args.threads
     elif args.jobs == 0:
         nmf_threads = etm_threads = available_cores()
-    args.threads = {"nmf": nmf_threads, "etm": etm_threads}
+    args.training_threads = {"nmf": nmf_threads, "etm": etm_threads}  # args.threads stays the flag
     progress = cli.Progress({
         "seed": args.seed,
         "iterations": {"nmf_sse": args.niter_nmf, "nmf_psn": args.niter_nmf,

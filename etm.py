@@ -16,6 +16,8 @@ training step, reads a sparse input's nonzeros only, or runs in bfloat16
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,6 +57,17 @@ class _DataLinear(torch.autograd.Function):
             grad = grad.to(torch.bfloat16)
             return None, (grad.t() @ form).float(), grad.sum(0).float(), None
         return None, grad.t() @ form, grad.sum(0), None
+
+
+class _KeptProduct(NamedTuple):
+    """`EncoderLinear`'s last product and what it was computed from."""
+
+    x: torch.Tensor  # the input (identity)
+    versions: tuple  # (x._version, value._version) when kept: neither may change in place
+    bf16: bool
+    weight: torch.Tensor  # copies of the weights then
+    bias: torch.Tensor
+    value: torch.Tensor  # (N, H)
 
 
 class EncoderLinear(nn.Linear):
@@ -105,14 +118,15 @@ class EncoderLinear(nn.Linear):
     def forward(self, x):
         form = self.prepared(x)  # (N, M)
         kept = getattr(self, "_value", None)
-        if kept is not None and kept[0] is x and kept[1] == (x._version, self.bf16, kept[4]._version) \
-                and torch.equal(kept[2], self.weight) and torch.equal(kept[3], self.bias):
-            value = kept[4]
+        if kept is not None and kept.x is x and kept.versions == (x._version, kept.value._version) \
+                and kept.bf16 == self.bf16 and torch.equal(kept.weight, self.weight) \
+                and torch.equal(kept.bias, self.bias):
+            value = kept.value
         else:
             with torch.no_grad():
                 value = _product(form, self.weight, self.bias)  # (N, H)
-                self._value = (x, (x._version, self.bf16, value._version), self.weight.clone(),
-                               self.bias.clone(), value)
+                self._value = _KeptProduct(x, (x._version, value._version), self.bf16,
+                                           self.weight.clone(), self.bias.clone(), value)
         if torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad):
             return _DataLinear.apply(value, self.weight, self.bias, form)
         return value
