@@ -16,8 +16,9 @@ EASY = {"hidden": (32,), "latent": 4, "epochs": 30, "warmup": 15, "lr": 3e-3, "b
 
 
 def test_elbo_is_the_two_component_sum_written_out():
+    """scVAE's model: q(z | x, y) reads y, the ELBO's per-cell categorical KL (kl_y="cell")."""
     torch.manual_seed(0)
-    module = GMVAEModule(n_genes=7, n_components=2, hidden=(8,), latent=3)
+    module = GMVAEModule(n_genes=7, n_components=2, hidden=(8,), latent=3, z_reads_y=True)
     with torch.no_grad():
         module.log_theta.normal_()
         module.pz_logvar.weight.normal_()
@@ -46,9 +47,62 @@ def test_elbo_is_the_two_component_sum_written_out():
     torch.testing.assert_close(terms["kl_y"], expected_kly, rtol=1e-5, atol=1e-6)
     # the loss at KL weight 1 is the negative ELBO, mean over cells (here with z drawn)
     torch.manual_seed(1)
-    loss, parts = gmvae_loss(module, (x, counts, library), 1.0)
+    loss, parts = gmvae_loss(module, (x, counts, library), 1.0, kl_y="cell")
     assert parts["kl"] == pytest.approx((expected_klz + expected_kly).mean().item(), rel=1e-4)
     assert loss.item() == pytest.approx(parts["recon"] + parts["kl"], rel=1e-6)
+    assert parts["elbo"] == pytest.approx(-loss.item(), rel=1e-6)
+
+
+def test_shared_encoder_elbo_and_the_marginal_categorical_kl():
+    """Our default: one q(z | x) for every component, and KL(q(y) || Cat(1/K)) of the batch mean."""
+    torch.manual_seed(0)
+    module = GMVAEModule(n_genes=7, n_components=3, hidden=(8,), latent=3)
+    assert module.qz_y is None
+    counts = torch.poisson(torch.rand(5, 7) * 5) + 1
+    x, library = torch.log1p(counts), counts.sum(1)
+    terms = gmvae_terms(module, x, counts, library, sample=False)
+
+    q_y = torch.softmax(module.qy(x), -1)  # (B, 3)
+    h = torch.relu(module.qz_x(x))  # q(z | x): no y
+    mu_q, logvar_q = module.qz_mu(h), module.qz_logvar(h)
+    rate = torch.softmax(module.decoder(mu_q), -1) * library[:, None]
+    theta = module.log_theta.exp()
+    nb = D.NegativeBinomial(total_count=theta, logits=torch.log(rate) - torch.log(theta))
+    torch.testing.assert_close(terms["recon"], -nb.log_prob(counts).sum(1), rtol=1e-4, atol=1e-3)
+    q_z = D.Normal(mu_q, (0.5 * logvar_q).exp())
+    kls = torch.stack([D.kl_divergence(q_z, D.Normal(module.pz_mu.weight[:, k], (0.5 * module.pz_logvar.weight[:, k]).exp())).sum(1)
+                       for k in range(3)], 1)
+    torch.testing.assert_close(terms["kl_z"], (q_y * kls).sum(1), rtol=1e-5, atol=1e-5)
+
+    q_bar = q_y.mean(0)
+    marginal = D.kl_divergence(D.Categorical(probs=q_bar), D.Categorical(probs=torch.full((3,), 1 / 3)))
+    torch.testing.assert_close(terms["kl_y_marginal"], marginal.expand(5), rtol=1e-5, atol=1e-6)
+    # ELBO surgery: mean per-cell KL = I(x; y) + marginal KL, with I >= 0
+    mutual_info = (q_y * (q_y / q_bar).log()).sum(1).mean()
+    torch.testing.assert_close(terms["kl_y"].mean(), mutual_info + marginal, rtol=1e-5, atol=1e-6)
+    assert mutual_info > 0
+
+    loss, parts = gmvae_loss(module, (x, counts, library), 1.0)  # kl_y="marginal" by default
+    assert parts["kl"] == pytest.approx(terms["kl_z"].mean().item() + marginal.item(), rel=1e-5)
+    assert parts["elbo"] < -loss.item()  # the ELBO pays the mutual information on top
+
+
+def test_marginal_kl_is_zero_for_balanced_confident_clusters_and_log_k_for_one():
+    module = GMVAEModule(n_genes=4, n_components=2, hidden=(3,), latent=2)
+    x = torch.eye(4)
+    with torch.no_grad():
+        module.qy[-1].weight.zero_()
+        module.qy[-1].bias.copy_(torch.tensor([20.0, -20.0]))  # every cell in component 0
+    collapsed = gmvae_terms(module, x, x, torch.ones(4), sample=False)
+    assert collapsed["kl_y_marginal"][0].item() == pytest.approx(np.log(2), rel=1e-4)
+    module.qy = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        module.qy[0].weight.copy_(torch.tensor([[20.0, 20, -20, -20], [-20, -20, 20, 20]]))
+        module.qy[0].bias.zero_()
+    split = gmvae_terms(module, x, x, torch.ones(4), sample=False)
+    assert split["kl_y_marginal"][0].item() == pytest.approx(0.0, abs=1e-6)
+    # the ELBO's per-cell KL cannot tell the two apart: log 2 for every confident cell
+    torch.testing.assert_close(split["kl_y"], collapsed["kl_y"], rtol=1e-4, atol=1e-6)
 
 
 def test_kl_weight_scales_both_kls():
@@ -93,6 +147,11 @@ def test_defaults_are_the_studys_and_the_scvae_recipe():
     assert (cfg.hidden, cfg.latent, cfg.epochs, cfg.lr) == ((250,), 50, 100, 1e-4)
     big = GMVAEConfig.scvae_recipe()
     assert (big.hidden, big.latent, big.warmup, big.epochs) == ((100, 100), 100, 200, 500)
+    assert (cfg.z_reads_y, cfg.kl_y, cfg.prior_scale) == (False, "marginal", 0.1)
+    source = GMVAEConfig.scvae()
+    assert (source.z_reads_y, source.kl_y, source.prior_scale) == (True, "cell", 1.0)
+    with pytest.raises(ValueError, match="kl_y='elbo'"):
+        GMVAEConfig(kl_y="elbo")
     adata = make_counts(n_per_type=5)
     model = get_model("gmvae")(GMVAEConfig.scvae_recipe(epochs=1, warmup=1)).fit(adata)
     assert model.get_latent(adata).shape == (15, 100)
@@ -106,3 +165,16 @@ def test_real_10x_pbmc_short_run(data_root):
     assert model.module.n_components == adata.obs["Celltype"].nunique()
     assert all(np.isfinite(r["loss"]) for r in model.history)
     assert model.predict(adata).shape == (400,) and model.get_latent(adata).shape == (400, 50)
+
+
+def test_real_pbmc3k_uses_many_components(data_root):
+    """1,000 real PBMC 3k cells, 30 epochs: the defaults spread the cells over the components
+    (scVAE's model and objective, `GMVAEConfig.scvae`, put all 1,000 in one on the same run)."""
+    from a4.data import load_dataset
+
+    adata = load_dataset("pbmc3k", data_root=data_root)
+    adata = adata[np.random.default_rng(0).permutation(adata.n_obs)[:1000]].copy()
+    model = get_model("gmvae")(epochs=30, warmup=12).fit(adata, seed=0)
+    clusters = model.predict(adata)
+    assert (np.bincount(clusters) >= 50).sum() >= 4
+    assert adjusted_rand_score(adata.obs["Celltype"], clusters) > 0.2
