@@ -16,6 +16,7 @@ hands them to its module and to `a4.training.train`, and turns the results back.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -73,8 +74,20 @@ def n_classes(adata):
 
 
 def check_latent(z, n_cells):
-    """``z`` as a float ndarray (N, d); AssertionError naming the problem otherwise."""
+    """``z`` as a float ndarray (N, d); AssertionError naming the problem otherwise.
+
+    A latent that is the same for every cell (training collapsed, e.g. every unit of a ReLU
+    code dead) is returned as it is, with a `LatentCollapseWarning`: its scores are then 0.
+    """
     z = np.asarray(z)
     assert z.ndim == 2 and z.shape[0] == n_cells, f"latent of shape {z.shape}, expected ({n_cells}, d)"
     assert np.isfinite(z).all(), "the latent space holds NaN or infinite values"
+    if n_cells > 1 and not np.ptp(z, axis=0).any():
+        warnings.warn(f"the latent space ({n_cells} x {z.shape[1]}) is the same for every cell: training "
+                      "collapsed (for ae: every unit of its ReLU code is dead); try another --seed",
+                      LatentCollapseWarning, stacklevel=2)
     return z
+
+
+class LatentCollapseWarning(UserWarning):
+    """A model's latent space is the same for every cell."""

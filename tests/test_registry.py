@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models import REGISTRY, get_model
-from models.base import Model
+from models.base import LatentCollapseWarning, Model, check_latent
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,16 @@ def test_config_overrides_and_unknown_fields():
     assert cls(niter=7).config.niter == 7 and cls().config.niter == 100
     with pytest.raises(TypeError):
         cls(not_a_field=1)
+
+
+def test_check_latent_warns_when_every_cell_has_the_same_latent():
+    with pytest.warns(LatentCollapseWarning, match="same for every cell"):
+        check_latent(np.zeros((5, 6)), 5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = check_latent(np.eye(5, 6), 5)  # one varying unit is enough
+    assert z.shape == (5, 6)
+    with pytest.raises(AssertionError, match="NaN"):
+        check_latent(np.full((3, 2), np.nan), 3)
