@@ -70,8 +70,8 @@ def test_shared_encoder_elbo_and_the_marginal_categorical_kl():
     nb = D.NegativeBinomial(total_count=theta, logits=torch.log(rate) - torch.log(theta))
     torch.testing.assert_close(terms["recon"], -nb.log_prob(counts).sum(1), rtol=1e-4, atol=1e-3)
     q_z = D.Normal(mu_q, (0.5 * logvar_q).exp())
-    kls = torch.stack([D.kl_divergence(q_z, D.Normal(module.pz_mu.weight[:, k], (0.5 * module.pz_logvar.weight[:, k]).exp())).sum(1)
-                       for k in range(3)], 1)
+    priors = [D.Normal(module.pz_mu.weight[:, k], (0.5 * module.pz_logvar.weight[:, k]).exp()) for k in range(3)]
+    kls = torch.stack([D.kl_divergence(q_z, p_k).sum(1) for p_k in priors], 1)  # (B, K)
     torch.testing.assert_close(terms["kl_z"], (q_y * kls).sum(1), rtol=1e-5, atol=1e-5)
 
     q_bar = q_y.mean(0)
