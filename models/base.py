@@ -84,7 +84,7 @@ def check_latent(z, n_cells):
     assert np.isfinite(z).all(), "the latent space holds NaN or infinite values"
     if n_cells > 1 and not np.ptp(z, axis=0).any():
         warnings.warn(f"the latent space ({n_cells} x {z.shape[1]}) is the same for every cell: training "
-                      "collapsed (for ae: every unit of its ReLU code is dead); try another --seed",
+                      "collapsed (e.g. every unit of a ReLU code dead); try another --seed",
                       LatentCollapseWarning, stacklevel=2)
     return z
 

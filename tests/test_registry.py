@@ -2,6 +2,7 @@
 the same numbers for the same seed. A new model is covered by adding its registry line."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -54,8 +55,6 @@ def test_config_overrides_and_unknown_fields():
 def test_check_latent_warns_when_every_cell_has_the_same_latent():
     with pytest.warns(LatentCollapseWarning, match="same for every cell"):
         check_latent(np.zeros((5, 6)), 5)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         z = check_latent(np.eye(5, 6), 5)  # one varying unit is enough
