@@ -27,10 +27,11 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
-from a4 import cli
+from cellembed import cli
 
 if __name__ == "__main__":  # --help and a bad flag answer at once, before the heavy imports below
     ARGS = cli.parse_assignment_args(sys.argv[1:])
+    cli.exit_promptly_on_interrupt("comp565_A4.py")  # Ctrl-C ends the run within seconds, from here on
     cli.quiet_known_warnings("comp565_A4.py")  # before the imports: scanpy's louvain warns on import
 
 try:
@@ -50,20 +51,25 @@ try:
     from matplotlib.patches import Patch
     from threadpoolctl import threadpool_limits
     from torch import optim
+
+    from cellembed.data import LABEL_KEY, DataError, load_course_data
+    from cellembed.evaluation.clustering import louvain_ari
+    from cellembed.evaluation.scoring import ARIScorer, PerfRecorder, available_cores, split_cores
+    from cellembed.likelihoods import CSRCounts
+    from cellembed.outputs import prepare_dir, save_figure, write_csv, write_h5ad
+    from cellembed.runtime import resolve_device, use_bf16
+    from cellembed.sparse import sampled_product, with_values
+    from cellembed.training import linear_warmup, seed_everything
+    from etm import ETM, BatchETM, SCETMConfig, batch_codes
 except ModuleNotFoundError as exc:  # the virtual environment is not active
     if __name__ != "__main__":
         raise
     sys.exit(cli.missing_dependency(exc, "comp565_A4.py"))
-
-from a4.clustering import louvain_ari  # noqa: E402
-from a4.data import DataError, load_course_data  # noqa: E402
-from a4.likelihoods import CSRCounts  # noqa: E402
-from a4.outputs import prepare_dir, save_figure, write_csv, write_h5ad  # noqa: E402
-from a4.runtime import resolve_device, use_bf16  # noqa: E402
-from a4.scoring import ARIScorer, PerfRecorder, available_cores, split_cores  # noqa: E402
-from a4.sparse import sampled_product, with_values  # noqa: E402
-from a4.training import linear_warmup, seed_everything  # noqa: E402
-from etm import ETM  # noqa: E402
+except KeyboardInterrupt:  # Ctrl-C while torch and scanpy load
+    if __name__ != "__main__":
+        raise
+    cli.report_interrupt("\ncomp565_A4.py: interrupted while starting; nothing written")
+    sys.exit(130)
 
 K = 16  # topics / NMF rank
 # Guards the multiplicative updates' divisions: W'WH, W'1, H1' and WH are 0 only when a whole
@@ -72,7 +78,7 @@ EPS = 1e-12
 
 
 def load_data(data_dir):
-    """The course's data folder as an AnnData (see `a4.data.load_course_data`).
+    """The course's data folder as an AnnData (see `cellembed.data.load_course_data`).
 
     Returns
     -------
@@ -88,7 +94,7 @@ def evaluate_ari(cell_embed, adata, seed=0):
     Same partition as the assignment's scanpy version,
     ``sc.pp.neighbors(adata, use_rep='cell_embed', n_neighbors=30)`` then
     ``sc.tl.louvain(adata, resolution=0.15, random_state=seed)``, computed without the
-    AnnData round trips (see `a4.clustering`).
+    AnnData round trips (see `cellembed.evaluation.clustering`).
 
     Parameters
     ----------
@@ -106,7 +112,7 @@ def evaluate_ari(cell_embed, adata, seed=0):
     """
     cell_embed = np.asarray(cell_embed)
     adata.obsm["cell_embed"] = cell_embed
-    return louvain_ari(cell_embed, adata.obs["Celltype"].to_numpy(), seed=seed)
+    return louvain_ari(cell_embed, adata.obs[LABEL_KEY].to_numpy(), seed=seed)
 
 
 # ------------------------------------------------------------------------------ Question 1
@@ -143,7 +149,7 @@ def nmf_sse(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
         The N cells, with ``obs['Celltype']``, for the ARI.
     niter : int
         Iterations.
-    scorer : a4.scoring.ARIScorer, optional
+    scorer : cellembed.evaluation.scoring.ARIScorer, optional
         Scores ``H.T`` every iteration; default: `evaluate_ari` at once, in this process.
     start_iter : int
         Number of the first iteration in ``perf`` (to continue an earlier run).
@@ -179,8 +185,9 @@ def _as_csr(X):
 
 
 def _labels(adata):
-    """The cell types the ARI is computed against, shape (N,)."""
-    return adata.obs["Celltype"].to_numpy()
+    """The cell types the ARI is computed against, shape (N,); None for unlabelled cells (the
+    registry's adapters train without scoring)."""
+    return adata.obs[LABEL_KEY].to_numpy() if LABEL_KEY in adata.obs else None
 
 
 # ------------------------------------------------------------------------------ Question 2
@@ -241,7 +248,7 @@ def nmf_psn(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
     """NMF maximizing the Poisson log-likelihood by multiplicative updates (Lee & Seung 2001).
 
     With ``Q = X / (WH)``: ``H <- H * (W'Q) / (W'1)``, then ``W <- W * (Q H') / (1 H')``.
-    Q is needed only where X != 0 (`a4.sparse.sampled_product`), ``W'1`` and ``1 H'`` are
+    Q is needed only where X != 0 (`cellembed.sparse.sampled_product`), ``W'1`` and ``1 H'`` are
     column and row sums, and ``sum(WH) = <W'1, H1>``, so nothing M x N is ever formed.
 
     Parameters
@@ -256,7 +263,7 @@ def nmf_psn(X, W, H, adata, niter=100, scorer=None, start_iter=0, eval_every=1):
         The N cells, with ``obs['Celltype']``, for the ARI.
     niter : int
         Iterations.
-    scorer : a4.scoring.ARIScorer, optional
+    scorer : cellembed.evaluation.scoring.ARIScorer, optional
         Scores ``H.T`` every iteration; default: `evaluate_ari` at once, in this process.
     start_iter : int
         Number of the first iteration in ``perf`` (to continue an earlier run).
@@ -317,7 +324,7 @@ def train_scETM_helper(model, X_tensor, X_tensor_normalized, optimizer=None, kl_
     Parameters
     ----------
     model : etm.ETM
-    X_tensor : Tensor (N, M) or a4.likelihoods.CSRCounts
+    X_tensor : Tensor (N, M) or cellembed.likelihoods.CSRCounts
         Raw counts.
     X_tensor_normalized : Tensor, shape (N, M)
         Counts divided by each cell's total.
@@ -361,7 +368,7 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
     Parameters
     ----------
     model : etm.ETM
-    X_tensor : Tensor (N, M) or a4.likelihoods.CSRCounts
+    X_tensor : Tensor (N, M) or cellembed.likelihoods.CSRCounts
         Raw counts.
     X_tensor_normalized : Tensor, shape (N, M)
         Counts divided by each cell's total.
@@ -369,7 +376,7 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
         The N cells, with ``obs['Celltype']``, for the ARI.
     niter : int
         Steps.
-    scorer : a4.scoring.ARIScorer, optional
+    scorer : cellembed.evaluation.scoring.ARIScorer, optional
         Scores theta every step; default: `evaluate_ari` at once, in this process.
     eval_every : int
         Score the ARI every this many steps (and at the last); 1: every step.
@@ -380,7 +387,7 @@ def train_scETM(model, X_tensor, X_tensor_normalized, adata, niter=1000, scorer=
     optimizer : torch.optim.Optimizer, optional
         Default: the assignment's Adam (`assignment_optimizer`).
     kl_weight : callable, optional
-        ``iteration -> weight`` of the KL term (a warm-up, `a4.training.linear_warmup`);
+        ``iteration -> weight`` of the KL term (a warm-up, `cellembed.training.linear_warmup`);
         default 1 throughout, the assignment's ELBO.
     desc : str
         Name on the progress bar and in error messages: ``ETM`` (the course's model) or
@@ -417,7 +424,7 @@ def normalized_counts(adata, device="cpu"):
 
     Returns
     -------
-    X_tensor : a4.likelihoods.CSRCounts, shape (N, M)
+    X_tensor : cellembed.likelihoods.CSRCounts, shape (N, M)
     X_tensor_normalized : Tensor, shape (N, M), float32, rows summing to 1
     """
     X_tensor = CSRCounts(adata.X, device=device)
@@ -468,7 +475,7 @@ def plot_ari_curves(curves, path, title=None):
 # ------------------------------------------------------------------------------ Question 6
 
 
-def celltype_palette(adata, key="Celltype"):
+def celltype_palette(adata, key=LABEL_KEY):
     """One colour per cell type, kept once in ``adata.uns[key + '_colors']`` for every figure.
 
     scanpy's convention: the list follows ``adata.obs[key].cat.categories``, and
@@ -526,7 +533,7 @@ def plot_tsne(adata, reps, path, seed=0):
     for ax, (rep, title) in zip(axes, reps.items()):
         basis = f"X_tsne_{rep.removeprefix('X_')}"
         adata.obsm[basis] = layouts[rep]
-        sc.pl.embedding(adata, basis=basis, color="Celltype", ax=ax, show=False, title=title, frameon=False)
+        sc.pl.embedding(adata, basis=basis, color=LABEL_KEY, ax=ax, show=False, title=title, frameon=False)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -666,7 +673,7 @@ def make_etm_model(args, adata):
 
     Returns
     -------
-    model : etm.ETM or models.scetm.BatchETM
+    model : etm.ETM or etm.BatchETM
     optimizer : torch.optim.Optimizer or None
         None: the assignment's Adam.
     kl_weight : callable or None
@@ -674,8 +681,6 @@ def make_etm_model(args, adata):
     """
     if args.model == "etm":
         return build_etm(adata.n_vars, args.device), None, None
-    from models.scetm import BatchETM, SCETMConfig, batch_codes
-
     cfg = SCETMConfig()
     model = BatchETM(adata.n_vars, batch_codes(adata.obs["batch"]), num_topics=cfg.num_topics).to(args.device)
     optimizer = optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -685,7 +690,7 @@ def make_etm_model(args, adata):
 def run(args, progress):
     """The eight questions in order; ``progress`` records finished stages and timings."""
     if args.download is not None:
-        from a4.download import build_course_folder
+        from cellembed.data.download import build_course_folder
 
         build_course_folder(args.data_dir, source=args.download)
     adata = load_data(args.data_dir)
@@ -699,7 +704,7 @@ def run(args, progress):
     # a share, the ETM takes every core).
     set_training_threads(args.training_threads["nmf"])
     genes = adata.var_names.to_list()
-    cell_types = adata.obs["Celltype"].to_numpy()
+    cell_types = adata.obs[LABEL_KEY].to_numpy()
     M, N = adata.n_vars, adata.n_obs
     X = adata.X.T.tocsr().astype(np.float64)  # genes x cells, as the assignment writes X
     name = MODEL_NAMES[args.model]
@@ -802,8 +807,6 @@ def set_training_threads(n):
 def _scetm_summary():
     from dataclasses import asdict
 
-    from models.scetm import SCETMConfig
-
     return {"name": "scETM, batch-corrected", **asdict(SCETMConfig())}
 
 
@@ -815,7 +818,7 @@ def main(argv=None, args=None):
     try:
         args.device = resolve_device(args.device)
     except ValueError as exc:
-        sys.stderr.write(f"comp565_A4.py: error: {exc} (see --help)\n")
+        sys.stderr.write(f"comp565_A4.py: error: argument --device: {exc} (see --help)\n")
         return 2
     args.precision = "bf16" if use_bf16(args.precision, args.device) else "fp32"
     default_jobs, nmf_threads, etm_threads = split_cores()
@@ -841,7 +844,7 @@ def main(argv=None, args=None):
         done = ", ".join(progress.summary["stages_finished"]) or "none"
         if os.path.isdir(args.figures_dir):
             progress.write(summary_path, interrupted=True)
-        sys.stderr.write(f"\ninterrupted; finished stages: {done} (their files are complete)\n")
+        cli.report_interrupt(f"\ninterrupted; finished stages: {done} (their files are complete)")
         return 130
     except (DataError, OSError, FloatingPointError, RuntimeError) as exc:  # NotADirectoryError is an OSError
         if progress.summary["stages_finished"]:

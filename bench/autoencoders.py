@@ -11,6 +11,7 @@ beside the report's numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -29,42 +30,66 @@ def protocol_scores(latent, labels, seed):
     from sklearn.manifold import TSNE
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    from a4.metrics import kmeans_labels
+    from cellembed.evaluation.metrics import kmeans_labels
 
     tsne = TSNE(n_components=2, perplexity=PERPLEXITY, random_state=seed, init="pca").fit_transform(latent)
     clusters = kmeans_labels(tsne, np.unique(labels).size, seed=seed)
     return adjusted_rand_score(labels, clusters), normalized_mutual_info_score(labels, clusters)
 
 
+def parse_options(model_cls, text):
+    """``"field=value;field=value"`` as config overrides of ``model_cls``, each value as its field's type.
+
+    ``hidden=64-32-16`` gives the tuple (64, 32, 16).
+    """
+    fields = {f.name: f for f in dataclasses.fields(model_cls.Config)}
+    options = {}
+    for key, _, value in (kv.partition("=") for kv in text.split(";") if kv):
+        if key not in fields:
+            raise SystemExit(f"{model_cls.__name__} has no setting {key!r}; its settings: {', '.join(fields)}")
+        default = fields[key].default
+        if isinstance(default, tuple):
+            options[key] = tuple(int(v) for v in value.split("-"))
+        elif isinstance(default, bool):
+            options[key] = value.lower() in ("1", "true", "yes")
+        else:
+            options[key] = type(default)(value)
+    return options
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=None, help="folder of the named data sets (default: $A4_DATA_ROOT)")
     parser.add_argument("--models", default="ae,vae,vsc",
-                        help="registry names, optionally name:field=value (default: ae,vae,vsc)")
+                        help="registry names, optionally name:field=value;field=value, e.g. "
+                             "vae:latent=8;likelihood=nb (default: ae,vae,vsc)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="default: 0 1 2 3 4")
     parser.add_argument("--epochs", type=int, default=200, help="default: 200 (the report's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--cells", type=int, default=None, help="the first N cells only (a quick run; default: all)")
     parser.add_argument("--no-protocol", action="store_true", help="time the training only")
     args = parser.parse_args(argv)
 
     import torch
 
-    from a4.data import load_dataset
-    from models import get_model
+    from cellembed.data import load_dataset
+    from cellembed.models import get_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     adata = load_dataset("pbmc3k", data_root=args.data_root)
+    if args.cells:
+        adata = adata[:args.cells].copy()
     labels = adata.obs["Celltype"].to_numpy()
     print(f"pbmc3k: {adata.n_obs} cells x {adata.n_vars} genes, {np.unique(labels).size} types; "
           f"torch threads {torch.get_num_threads()}", flush=True)
     rows = {}
     for spec in args.models.split(","):
         name, _, opts = spec.partition(":")
-        options = dict(kv.split("=", 1) for kv in opts.split(";") if kv)
-        options = {k: (v if k in ("likelihood", "precision") else float(v)) for k, v in options.items()}
+        options = parse_options(get_model(name), opts)
         for seed in args.seeds:
-            model = get_model(name)(epochs=args.epochs, **options)
+            model = get_model(name)(epochs=args.epochs, device=args.device, **options)
             start, cpu_start = time.perf_counter(), time.process_time()
             model.fit(adata, seed=seed)
             seconds = time.perf_counter() - start

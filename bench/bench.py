@@ -38,25 +38,14 @@ from sklearn.decomposition import NMF  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import comp565_A4  # noqa: E402
-from a4 import clustering  # noqa: E402
-from a4.cli import quiet_known_warnings  # noqa: E402
-from a4.runtime import native_bf16  # noqa: E402
-from a4.scoring import NoScorer, available_cores  # noqa: E402
+from cellembed.evaluation import clustering  # noqa: E402
+from cellembed.cli import quiet_known_warnings  # noqa: E402
+from cellembed.runtime import native_bf16  # noqa: E402
+from cellembed.evaluation.scoring import NoScorer, available_cores  # noqa: E402
 from bench import reference  # noqa: E402
+from bench.timing import median_ms  # noqa: E402
 
 COUNTS = {"nmf_sse": 100, "nmf_psn": 1000, "etm": 1000, "ari": 2200}  # the default run's work
-
-
-def median_ms(fn, repeat, warmup=1):
-    """Median wall time of ``fn()`` in milliseconds over ``repeat`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 class Stepper:

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
 
 import comp565_A4  # noqa: E402
-from a4.cli import quiet_known_warnings  # noqa: E402
-from a4.scoring import ARIScorer, split_cores  # noqa: E402
-from a4.training import seed_everything  # noqa: E402
+from cellembed.cli import quiet_known_warnings  # noqa: E402
+from cellembed.evaluation.scoring import ARIScorer, split_cores  # noqa: E402
+from cellembed.training import seed_everything  # noqa: E402
 
 
 def curve(adata, counts, normalized, seed, bf16, niter, scorer):

@@ -28,10 +28,10 @@ import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
 
 import comp565_A4  # noqa: E402
-from a4 import clustering  # noqa: E402
-from a4.cli import quiet_known_warnings  # noqa: E402
-from a4.scoring import NoScorer, available_cores  # noqa: E402
-from bench.bench import median_ms  # noqa: E402
+from cellembed.evaluation import clustering  # noqa: E402
+from cellembed.cli import quiet_known_warnings  # noqa: E402
+from cellembed.evaluation.scoring import NoScorer, available_cores  # noqa: E402
+from bench.timing import median_ms  # noqa: E402
 
 MINIBATCH = 2048
 

@@ -3,6 +3,7 @@
     python bench/scgpcl.py                                   # 10x_pbmc, mouse_bladder, mouse_pancreas, seed 0
     python bench/scgpcl.py --data 10x_pbmc --seeds 0 1 2 --threads 2
     python bench/scgpcl.py --data mouse_bladder --set epochs=20 --set warmup=10
+    python bench/scgpcl.py --data 10x_pbmc --device cuda --n-clusters 12
 
 One line per data set and seed: wall seconds of pre-training and fine-tuning (``SCGPCL.timings_``),
 their epochs, the process's CPU seconds (on a shared machine the wall time also counts the
@@ -30,17 +31,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from a4.data import load_dataset  # noqa: E402
-from a4.metrics import own_scores  # noqa: E402
-from models.scgpcl import SCGPCL  # noqa: E402
+from cellembed.data import load_dataset  # noqa: E402
+from cellembed.evaluation.metrics import own_scores  # noqa: E402
+from cellembed.models.scgpcl import SCGPCL  # noqa: E402
 
 
-def run(name, seed, data_root, options):
-    """Fit scGPCL on ``name`` with ``seed``; dict of timings and own-cluster scores."""
+def run(name, seed, data_root, options, device="auto", n_clusters=None):
+    """Fit scGPCL on ``name`` with ``seed``; dict of timings and own-cluster scores.
+
+    K is ``n_clusters``, by default the number of classes in the data set's ``obs['Celltype']``.
+    """
     adata = load_dataset(name, data_root=data_root)
     cpu = time.process_time()
     start = time.perf_counter()
-    model = SCGPCL(**options).fit(adata, seed=seed)
+    model = SCGPCL(device=device, **options).fit(adata, labels_key="Celltype", n_clusters=n_clusters, seed=seed)
     pred = model.predict(adata)
     row = {"data": name, "seed": seed, "cells": adata.n_obs, **model.timings_,
            "total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
@@ -56,6 +60,9 @@ def main(argv=None):
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared/data"),
                         help="folder of the named data sets (default: ../shared/data)")
     parser.add_argument("--threads", type=int, default=2, help="torch and BLAS threads (default: 2)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--n-clusters", type=int, default=None,
+                        help="K (default: the number of labelled classes of each data set)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config field, as a Python literal (repeatable)")
     args = parser.parse_args(argv)
@@ -64,12 +71,12 @@ def main(argv=None):
         key, _, value = item.partition("=")
         options[key] = ast.literal_eval(value)
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, options {options or 'defaults'}", flush=True)
+    print(f"threads {args.threads}, device {args.device}, options {options or 'defaults'}", flush=True)
     with threadpool_limits(args.threads):
         for name in args.data:
             rows = []
             for seed in args.seeds:
-                row = run(name, seed, args.data_root, options)
+                row = run(name, seed, args.data_root, options, args.device, args.n_clusters)
                 rows.append(row)
                 print(f"{name} seed {seed}: pre-train {row['pretrain_s']:.1f} s ({row['pretrain_epochs']} epochs), "
                       f"fine-tune {row['finetune_s']:.1f} s ({row['finetune_epochs']} epochs), total "

@@ -24,7 +24,7 @@ def _missing_data(msg):
 @pytest.fixture(scope="session")
 def data_root():
     """The folder of the named data sets (``A4_DATA_ROOT``, else ``../shared/data``), every one in it."""
-    from a4.data import DATASETS
+    from cellembed.data import DATASETS
 
     root = Path(os.environ.get("A4_DATA_ROOT") or ROOT.parent / "shared/data")
     missing = sorted({spec.folder for spec in DATASETS.values()} - {p.name for p in root.glob("*") if p.is_dir()})
@@ -54,7 +54,7 @@ def real_data_dir():
 
 @pytest.fixture(scope="session")
 def real_adata(real_data_dir):
-    from a4.data import load_course_data
+    from cellembed.data import load_course_data
 
     return load_course_data(real_data_dir)
 

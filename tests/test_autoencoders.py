@@ -1,5 +1,6 @@
-"""AE, beta-VAE and beta-VSC (models/autoencoders.py): losses against direct computations, the
-VSC's KL against a Monte Carlo estimate, training on planted clusters, determinism, real data."""
+"""AE, beta-VAE and beta-VSC (cellembed/models/autoencoders.py): losses against direct
+computations, the VSC's KL against a Monte Carlo estimate, training on planted clusters,
+determinism, save / load, new cells, real data."""
 
 
 import numpy as np
@@ -8,11 +9,11 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 from torch import distributions as D
 
-from a4.metrics import kmeans_labels
-from a4.preprocessing import log_normalize, scale
-from models import get_model
-from models.autoencoders import AutoencoderModule, make_loss, vsc_kl
-from tests.conftest import make_counts
+from cellembed.evaluation.metrics import kmeans_labels
+from cellembed.models import get_model
+from cellembed.models.autoencoders import AutoencoderModule, make_loss, vsc_kl
+from cellembed.preprocessing import log_normalize, scale
+from conftest import make_counts
 
 TINY = {"hidden": (32, 16, 8), "latent": 4, "precision": "fp32"}
 
@@ -126,6 +127,45 @@ def test_same_seed_same_numbers_and_deterministic_latent():
     assert fits[0].history != fits[2].history
 
 
+@pytest.mark.parametrize("options", [{}, {"likelihood": "nb"}])
+def test_save_and_load_give_the_same_latent_bit_for_bit(tmp_path, options):
+    adata = make_counts(n_per_type=20)
+    model = get_model("vae")(**TINY, **options, epochs=3, batch_size=16).fit(adata, seed=0)
+    z = model.get_latent(adata)
+    assert np.ptp(z, axis=0).min() > 0  # a latent that varies: the comparison below can fail
+    model.save(tmp_path / "vae")
+    loaded = get_model("vae").load(tmp_path / "vae", device="cpu")
+    assert type(loaded) is type(model) and loaded.config == model.config
+    assert loaded.var_names_.equals(model.var_names_) and loaded.history == model.history
+    if not options:  # "mse": the training cells' z-scoring comes back with the weights
+        np.testing.assert_array_equal(loaded.mean_, model.mean_)
+        np.testing.assert_array_equal(loaded.scale_, model.scale_)
+    np.testing.assert_array_equal(loaded.get_latent(adata), z)
+    np.testing.assert_array_equal(loaded.get_latent(adata[::-1].copy()), z[::-1])  # genes / cells by name
+
+
+def test_mse_inputs_of_the_training_cells_are_scanpys_scale():
+    adata = make_counts(n_per_type=10)
+    model = get_model("ae")(**TINY, epochs=1).fit(adata, seed=0)
+    x = model._inputs(adata.X.astype(np.float32))[0].numpy()
+    np.testing.assert_array_equal(x, scale(log_normalize(adata.X)))
+
+
+def test_new_cells_are_embedded_independently_of_the_batch():
+    adata = make_counts(n_per_type=30)
+    n_fit = 2 * adata.n_obs // 3
+    model = get_model("vae")(**TINY, epochs=3, batch_size=16).fit(adata[:n_fit].copy(), seed=0)
+    new = adata[n_fit:].copy()
+    alone = model.get_latent(new)
+    assert alone.shape == (adata.n_obs - n_fit, 4)
+    assert np.ptp(alone, axis=0).min() > 0
+    together = model.get_latent(adata)
+    np.testing.assert_allclose(together[n_fit:], alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(together[:n_fit], model.get_latent(adata[:n_fit].copy()), rtol=1e-5, atol=1e-6)
+    one = model.get_latent(new[3:4].copy())  # a single cell: no statistics of its batch to lean on
+    np.testing.assert_allclose(one, alone[3:4], rtol=1e-5, atol=1e-6)
+
+
 def test_defaults_are_the_reports():
     cfg = get_model("vsc").Config()
     assert (cfg.latent, tuple(cfg.hidden), cfg.epochs, cfg.batch_size, cfg.lr, cfg.beta, cfg.alpha) == (
@@ -151,7 +191,7 @@ def test_bf16_training_stays_close_to_fp32():
 
 
 def test_real_pbmc3k_short_run_every_gene(data_root):
-    from a4.data import load_dataset
+    from cellembed.data import load_dataset
 
     adata = load_dataset("pbmc3k", data_root=data_root)[:300].copy()  # 300 cells, all genes
     z_input = scale(log_normalize(adata.X))

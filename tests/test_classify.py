@@ -1,11 +1,12 @@
-"""The classifier study (a4/classify.py): splits, the classifier on planted classes, the files."""
+"""The classifier study (cellembed/evaluation/classify.py): splits, the classifier on planted classes, the files."""
 
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from a4.classify import PCA_KS, classification_study, classifier, fit_classifier, pca_inputs, split_indices
+from cellembed.evaluation.classify import (PCA_KS, classification_study, classifier, fit_classifier, pca_inputs,
+                                           split_indices)
 from tests.conftest import make_counts
 
 
@@ -74,7 +75,7 @@ def test_study_writes_csv_markdown_and_confusion(tmp_path):
 
 
 def test_real_10x_pbmc_short_study(tmp_path, data_root):
-    from a4.data import load_dataset
+    from cellembed.data import load_dataset
 
     adata = load_dataset("10x_pbmc", data_root=data_root)[:500].copy()
     table = classification_study(adata, {}, [0], tmp_path, epochs=2, batch_size=50, lr=1e-3)

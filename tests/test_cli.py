@@ -28,7 +28,7 @@ from course_fixtures import (
     write_geo_folder,
 )
 
-import a4.download
+import cellembed.data.download
 import comp565_A4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_bad_argument(course_dir, tmp_path, capsys, args, message):
 def test_cuda_asked_for_without_a_gpu(course_dir, tmp_path, capsys):
     code, err = cli(["--data-dir", course_dir, "--figures-dir", tmp_path / "figures", "--device", "cuda"], capsys)
     assert code == 2
-    one_line(err, "argument --device: cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    one_line(err, "argument --device: device cuda asked for, but torch sees no CUDA GPU; use cpu or auto")
 
 
 def test_figures_dir_that_is_a_file(course_dir, tmp_path, capsys):
@@ -180,8 +180,8 @@ def test_download_of_too_small_files(tmp_path, capsys):
 
 
 def test_download_then_run(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(a4.download, "build_course_folder",
-                        functools.partial(a4.download.build_course_folder, n_genes=20))
+    monkeypatch.setattr(cellembed.data.download, "build_course_folder",
+                        functools.partial(cellembed.data.download.build_course_folder, n_genes=20))
     src = write_geo_folder(tmp_path / "geo")
     figures = tmp_path / "figures"
     code = comp565_A4.main(["--download", str(src), "--data-dir", str(tmp_path / "data"), "--figures-dir",
@@ -269,7 +269,7 @@ def test_script_bad_iteration_count_end_to_end(tmp_path):
 
 BACKLOG = """
 import numpy as np
-from a4.scoring import ARIScorer
+from cellembed.evaluation.scoring import ARIScorer
 labels = np.repeat(np.arange(8), 236)
 rng = np.random.default_rng(0)
 try:
@@ -385,7 +385,7 @@ def test_a_missing_package_is_one_line_with_the_set_up_command(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout == ""
     line = one_line(proc.stderr, "comp565_A4.py: error: the package 'anndata' is not installed",
-                    "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt")
+                    "python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt -e .")
     assert line.startswith("comp565_A4.py: error:")
     assert not (tmp_path / "f").exists()
 
@@ -483,7 +483,7 @@ class _Scorer:
 
 
 def test_progress_shows_the_ari_of_its_own_iteration_never_the_previous_stage(capsys, monkeypatch):
-    from a4.scoring import PerfRecorder
+    from cellembed.evaluation.scoring import PerfRecorder
 
     scorer = _Scorer()
     scorer.submit(("NMF-SSE", 99), None)  # the previous stage's last score

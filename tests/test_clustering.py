@@ -8,8 +8,8 @@ import pytest
 import scanpy as sc
 
 import comp565_A4
-from a4 import clustering
-from a4.scoring import NoScorer
+from cellembed.evaluation import clustering
+from cellembed.evaluation.scoring import NoScorer
 
 
 def scanpy_labels(embed, seed=0):

@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 import compare
-from a4 import metrics
+from cellembed.evaluation import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def write_h5ad(path, labels, X=None):
 BAD = [
     (["--data", "nowhere_set"], 2, "unknown data set 'nowhere_set'"),
     (["--models", "pca,nope"], 2, "argument --models: unknown model 'nope'; choose from pca"),
-    (["--models", "nmf_psn:niters=5"], 2, "argument --models: nmf_psn has no setting 'niters'"),
+    (["--models", "nmf_psn:niters=5"], 2, "argument --models: nmf_psn: NMFPoisson has no setting 'niters'"),
     (["--models", "pca:5"], 2, "argument --models: 'pca:5': settings are field=value"),
     (["--seeds", "0", "0"], 2, "argument --seeds: a seed is listed twice"),
 ]

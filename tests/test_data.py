@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from a4.data import DataError, DataWarning, load_course_data, safe_load_pickle
+from cellembed.data import DataError, DataWarning, load_course_data, safe_load_pickle
 from course_fixtures import BROKEN_FOLDERS, course_parts, unsafe_pickle, write_course_folder
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from a4.data import (BATCH_KEY, DATASETS, LABEL_KEY, DataError, DataWarning, default_data_root, load_course_data,
+from cellembed.data import (BATCH_KEY, DATASETS, LABEL_KEY, DataError, DataWarning, default_data_root, load_course_data,
                      load_dataset)
 
 
@@ -297,14 +297,17 @@ def test_missing_label_and_batch_keys(tmp_path):
     with pytest.raises(DataError, match=r"no obs column 'donor' for --batch-key .*leave --batch-key out"):
         load_dataset(path, batch_key="donor")
     bare = _write_h5ad(tmp_path / "bare.h5ad", _counts(), {"kind": _types(12)})
-    with pytest.raises(DataError, match=r"bare\.h5ad: no label column \(looked for cell_type, .*obs has 'kind'\); "
-                                        r"pass --label-key COLUMN"):
-        load_dataset(bare)
+    with pytest.warns(DataWarning, match=r"bare\.h5ad: no label column \(looked for cell_type, .*obs has 'kind'\): "
+                                         r"embeddings and clusters without scores; pass --label-key COLUMN"):
+        unlabelled = load_dataset(bare)
+    assert LABEL_KEY not in unlabelled.obs and unlabelled.n_obs == 12  # no labels: every cell kept
 
 
 def test_missing_layer(tmp_path):
     path = _write_h5ad(tmp_path / "x.h5ad", _counts(), {"cell_type": _types(12)}, layers_counts=True)
-    with pytest.raises(DataError, match=r"no layer 'raw' for --layer \(layers: 'counts'\)"):
+    with pytest.raises(DataError, match=r"no layer 'spliced' for --layer \(layers: 'counts'\)"):
+        load_dataset(path, layer="spliced")
+    with pytest.raises(DataError, match=r"--layer raw asks for adata.raw, but it has none \(layers: 'counts'\)"):
         load_dataset(path, layer="raw")
 
 
@@ -343,7 +346,7 @@ def test_every_label_missing_and_empty_batch(tmp_path):
     batch = np.array(["x", "y"] * 6, dtype=object)
     batch[4] = np.nan
     path = _write_h5ad(tmp_path / "y.h5ad", _counts(), {"cell_type": _types(12), "batch": batch})
-    with pytest.raises(DataError, match=r"--batch-key 'batch' is empty for 1 labelled cell\(s\)"):
+    with pytest.raises(DataError, match=r"--batch-key 'batch' is empty for 1 cell\(s\)"):
         load_dataset(path)
 
 
@@ -352,7 +355,7 @@ def test_fewer_than_two_cells_with_counts(tmp_path):
     counts[1:] = 0
     path = _write_h5ad(tmp_path / "x.h5ad", counts, {"cell_type": _types(12)})
     with pytest.warns(DataWarning), pytest.raises(DataError, match=r"fewer than 2 cells or genes have any counts "
-                                                                  r"\(1 cells x \d genes\); the file needs raw counts"):
+                                                                  r"\(1 cells x \d genes\); the data need raw counts"):
         load_dataset(path)
     one_gene = _write_h5ad(tmp_path / "one.h5ad", _counts(12, 1), {"cell_type": _types(12)})  # nothing to drop
     with pytest.raises(DataError, match=r"fewer than 2 cells or genes have any counts \(12 cells x 1 genes\)"):

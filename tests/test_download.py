@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from a4.data import COURSE_FILES, load_course_data
-from a4.download import GEO_URL, SAMPLES, DownloadError, build_course_folder
+from cellembed.data import COURSE_FILES, load_course_data
+from cellembed.data.download import GEO_URL, SAMPLES, DownloadError, build_course_folder
 from course_fixtures import GEO_NAMES, geo_frame, write_course_folder, write_geo_file, write_geo_folder
 
 N_GENES = 20  # of the fixtures' 40

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import distributions as D
 
 import comp565_A4
-from a4.likelihoods import CSRCounts, categorical_logits_nll, categorical_nll, gaussian_kl
+from cellembed.likelihoods import CSRCounts, categorical_logits_nll, categorical_nll, gaussian_kl
 from etm import ETM, EncoderLinear
 
 

@@ -14,7 +14,7 @@ from matplotlib.collections import PathCollection, QuadMesh
 from matplotlib.image import AxesImage
 
 import comp565_A4
-from a4.outputs import save_figure
+from cellembed.outputs import save_figure
 
 matplotlib.use("Agg")
 

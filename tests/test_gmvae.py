@@ -1,5 +1,6 @@
-"""scVAE's GMVAE (models/gmvae.py): the ELBO against the sum over K = 2 components written out,
-recovery of planted clusters, determinism, gene selection, real data."""
+"""scVAE's GMVAE (cellembed/models/gmvae.py): the ELBO against the sum over K = 2 components
+written out, recovery of planted clusters, determinism, gene selection, K without labels,
+save / load, new cells, real data."""
 
 
 import numpy as np
@@ -8,9 +9,9 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 from torch import distributions as D
 
-from models import get_model
-from models.gmvae import GMVAEConfig, GMVAEModule, gmvae_loss, gmvae_terms
-from tests.conftest import make_counts
+from cellembed.models import get_model
+from cellembed.models.gmvae import GMVAEConfig, GMVAEModule, gmvae_loss, gmvae_terms
+from conftest import make_counts
 
 EASY = {"hidden": (32,), "latent": 4, "epochs": 30, "warmup": 15, "lr": 3e-3, "batch_size": 10}
 
@@ -120,15 +121,15 @@ def test_kl_weight_scales_both_kls():
 def test_recovers_planted_clusters_and_is_deterministic():
     adata = make_counts(n_per_type=40, n_types=3, n_genes=60)
     labels = adata.obs["Celltype"].to_numpy()
-    model = get_model("gmvae")(**EASY).fit(adata, seed=0)
+    model = get_model("gmvae")(**EASY).fit(adata, labels_key="Celltype", seed=0)
     assert adjusted_rand_score(labels, model.predict(adata)) > 0.9
     assert all(np.isfinite(list(r.values())).all() for r in model.history)
     assert model.history[-1]["recon"] < model.history[0]["recon"]
     assert model.history[0]["kl_weight"] == 0 and model.history[-1]["kl_weight"] == 1
     z = model.get_latent(adata)
     assert z.shape == (adata.n_obs, 4)
-    again = get_model("gmvae")(**{**EASY, "epochs": 3}).fit(adata, seed=0)
-    twice = get_model("gmvae")(**{**EASY, "epochs": 3}).fit(adata, seed=0)
+    again = get_model("gmvae")(**{**EASY, "epochs": 3}).fit(adata, n_clusters=3, seed=0)
+    twice = get_model("gmvae")(**{**EASY, "epochs": 3}).fit(adata, n_clusters=3, seed=0)
     assert again.history == twice.history
     np.testing.assert_array_equal(again.get_latent(adata), twice.get_latent(adata))
     np.testing.assert_array_equal(again.predict(adata), again.predict(adata))
@@ -136,10 +137,54 @@ def test_recovers_planted_clusters_and_is_deterministic():
 
 def test_k_defaults_to_the_number_of_classes_and_many_genes_are_reduced():
     adata = make_counts(n_per_type=10, n_types=4, n_genes=80)
-    model = get_model("gmvae")(**{**EASY, "epochs": 1, "n_top_genes": 30}).fit(adata)
-    assert model.module.n_components == 4 and model.genes.size == 30
+    model = get_model("gmvae")(**{**EASY, "epochs": 1, "n_top_genes": 30}).fit(adata, labels_key="Celltype")
+    assert model.n_clusters_ == model.module_.n_components == 4
+    assert model.genes_.size == 30 and model.genes_.dtype.kind == "i"
     assert model.get_latent(adata).shape == (40, 4) and set(model.predict(adata)) <= set(range(4))
     assert get_model("gmvae").clusters
+
+
+def test_fits_without_labels_given_n_clusters_and_refuses_neither():
+    adata = make_counts(n_per_type=10, n_types=4, n_genes=40)
+    unlabelled = adata.copy()
+    del unlabelled.obs["Celltype"]
+    model = get_model("gmvae")(**{**EASY, "epochs": 1}).fit(unlabelled, n_clusters=3)
+    assert model.n_clusters_ == model.module_.n_components == 3
+    assert model.predict(unlabelled).shape == (40,) and set(model.predict(unlabelled)) <= {0, 1, 2}
+    assert model.get_latent(unlabelled).shape == (40, 4)
+    # n_clusters wins over the number of labelled classes (4)
+    two = get_model("gmvae")(**{**EASY, "epochs": 1}).fit(adata, labels_key="Celltype", n_clusters=2)
+    assert two.n_clusters_ == two.module_.n_components == 2
+    with pytest.raises(ValueError, match="pass n_clusters=K"):
+        get_model("gmvae")(**{**EASY, "epochs": 1}).fit(unlabelled)
+    with pytest.raises(ValueError, match="pass n_clusters=K"):
+        get_model("gmvae")(**{**EASY, "epochs": 1}).fit(adata)  # labels present but not named
+
+
+def test_save_and_load_give_the_same_latent_and_clusters(tmp_path):
+    adata = make_counts(n_per_type=15, n_types=3, n_genes=60)
+    model = get_model("gmvae")(**{**EASY, "epochs": 3, "n_top_genes": 30}).fit(adata, n_clusters=3, seed=0)
+    z, clusters = model.get_latent(adata), model.predict(adata)
+    assert np.ptp(z, axis=0).min() > 0  # a latent that varies: the comparison below can fail
+    model.save(tmp_path / "gmvae")
+    loaded = get_model("gmvae").load(tmp_path / "gmvae", device="cpu")
+    assert loaded.n_clusters_ == 3 and loaded.history == model.history
+    np.testing.assert_array_equal(loaded.genes_, model.genes_)
+    np.testing.assert_array_equal(loaded.get_latent(adata), z)
+    np.testing.assert_array_equal(loaded.predict(adata), clusters)
+
+
+def test_new_cells_are_embedded_independently_of_the_batch():
+    adata = make_counts(n_per_type=30, n_types=3, n_genes=60)
+    n_fit = 2 * adata.n_obs // 3
+    model = get_model("gmvae")(**{**EASY, "epochs": 3}).fit(adata[:n_fit].copy(), n_clusters=3, seed=0)
+    new = adata[n_fit:].copy()
+    alone = model.get_latent(new)
+    assert alone.shape == (adata.n_obs - n_fit, 4)
+    assert np.ptp(alone, axis=0).min() > 0
+    np.testing.assert_allclose(model.get_latent(adata)[n_fit:], alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_latent(new[5:6].copy()), alone[5:6], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.predict(adata)[n_fit:], model.predict(new))
 
 
 def test_defaults_are_the_studys_and_the_scvae_recipe():
@@ -153,16 +198,16 @@ def test_defaults_are_the_studys_and_the_scvae_recipe():
     with pytest.raises(ValueError, match="kl_y='elbo'"):
         GMVAEConfig(kl_y="elbo")
     adata = make_counts(n_per_type=5)
-    model = get_model("gmvae")(GMVAEConfig.scvae_recipe(epochs=1, warmup=1)).fit(adata)
+    model = get_model("gmvae")(GMVAEConfig.scvae_recipe(epochs=1, warmup=1)).fit(adata, labels_key="Celltype")
     assert model.get_latent(adata).shape == (15, 100)
 
 
 def test_real_10x_pbmc_short_run(data_root):
-    from a4.data import load_dataset
+    from cellembed.data import load_dataset
 
     adata = load_dataset("10x_pbmc", data_root=data_root)[:400].copy()
-    model = get_model("gmvae")(epochs=2).fit(adata, seed=0)
-    assert model.module.n_components == adata.obs["Celltype"].nunique()
+    model = get_model("gmvae")(epochs=2).fit(adata, labels_key="Celltype", seed=0)
+    assert model.n_clusters_ == model.module_.n_components == adata.obs["Celltype"].nunique()
     assert all(np.isfinite(r["loss"]) for r in model.history)
     assert model.predict(adata).shape == (400,) and model.get_latent(adata).shape == (400, 50)
 
@@ -170,11 +215,11 @@ def test_real_10x_pbmc_short_run(data_root):
 def test_real_pbmc3k_uses_many_components(data_root):
     """1,000 real PBMC 3k cells, 30 epochs: the defaults spread the cells over the components
     (scVAE's model and objective, `GMVAEConfig.scvae`, put all 1,000 in one on the same run)."""
-    from a4.data import load_dataset
+    from cellembed.data import load_dataset
 
     adata = load_dataset("pbmc3k", data_root=data_root)
     adata = adata[np.random.default_rng(0).permutation(adata.n_obs)[:1000]].copy()
-    model = get_model("gmvae")(epochs=30, warmup=12).fit(adata, seed=0)
+    model = get_model("gmvae")(epochs=30, warmup=12).fit(adata, labels_key="Celltype", seed=0)
     clusters = model.predict(adata)
     assert (np.bincount(clusters) >= 50).sum() >= 4
     assert adjusted_rand_score(adata.obs["Celltype"], clusters) > 0.2

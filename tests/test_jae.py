@@ -1,4 +1,5 @@
-"""JAE (models/jae.py): its preprocessing, latent slices, losses, input checks, and short real runs."""
+"""JAE and the PCA baseline (cellembed/models/jae.py): preprocessing, latent slices, losses, input
+checks, new cells, save / load, and short real runs."""
 
 import math
 import warnings
@@ -9,13 +10,17 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from sklearn.decomposition import TruncatedSVD
+from sklearn.decomposition import PCA, TruncatedSVD
 
-from models import get_model
-from models.jae import (JAE, JointFeatures, PCAJoint, cell_cycle_genes, cell_cycle_scores, jae_loss,
-                        log10_normalize, markers_present, uniform_batch_loss)
+from cellembed.data import DataError
+from cellembed.data.markers import cell_cycle_genes, markers_present
+from cellembed.models import get_model, load_model
+from cellembed.models.jae import (JAE, PCAJoint, cell_cycle_scores, jae_loss, joint_features, log10_normalize,
+                                  svd_loadings, uniform_batch_loss)
+from tests.conftest import make_counts
 
 FAST = dict(epochs=3, n_components=10)
+HELD_OUT = dict(epochs=12, lr=3e-3, n_components=10)  # enough to learn the planted types
 
 
 def multimodal(n_per_type=30, n_types=3, n_genes=80, n_prot=12, batch=True, genes=None, seed=0):
@@ -37,7 +42,7 @@ def multimodal(n_per_type=30, n_types=3, n_genes=80, n_prot=12, batch=True, gene
         adata.obs["batch"] = pd.Categorical(rng.integers(0, 2, labels.size).astype(str))
     adata.obsm["mod2"] = rng.poisson(prot[labels]).astype(np.float32)
     adata.uns["mod2"] = {"modality": "ADT", "features": [f"p{j}" for j in range(n_prot)]}
-    adata.uns["dataset"] = {"name": "planted"}
+    adata.uns["dataset"] = {"name": "planted"}  # as load_dataset's: its Celltype and batch are read
     return adata
 
 
@@ -45,6 +50,37 @@ def with_cell_cycle_genes(n_genes=80):
     table = cell_cycle_genes()
     names = list(table[table.phase == "S"].gene_name[:6]) + list(table[table.phase == "G2M"].gene_name[:6])
     return names + [f"g{j}" for j in range(n_genes - len(names))]
+
+
+@pytest.fixture(scope="module")
+def counts():
+    """tests/test_registry.py's two-modality counts: a user's AnnData (labels only when asked for)."""
+    adata = make_counts(n_per_type=30, n_genes=40)
+    rng = np.random.default_rng(7)
+    adata.obsm["mod2"] = rng.poisson(5.0, size=(adata.n_obs, 12)).astype(np.float32)
+    adata.uns["mod2"] = {"modality": "ADT", "features": [f"adt{i}" for i in range(12)]}
+    adata.obs_names = [f"c{i}" for i in range(adata.n_obs)]
+    return adata
+
+
+def split(adata):
+    """Every third cell held out (each type in both parts): (fit cells, held-out cells)."""
+    held = np.arange(adata.n_obs) % 3 == 2
+    return adata[~held].copy(), adata[held].copy()
+
+
+@pytest.fixture(scope="module")
+def fitted(counts):
+    """``jae`` (ADT), ``jae_atac`` (the second modality reduced too) and ``pca_joint``, fit on 2/3 of ``counts``."""
+    atac = counts.copy()
+    atac.uns["mod2"] = {"modality": "ATAC"}
+    models = {}
+    for key, data in (("jae", counts), ("jae_atac", atac)):
+        with pytest.warns(UserWarning, match="no S or no G2M cell-cycle marker"):  # genes 0..39: no symbols
+            models[key] = JAE(**HELD_OUT, device="cpu").fit(split(data)[0], labels_key="Celltype",
+                                                          batch_key="batch", seed=0)
+    models["pca_joint"] = PCAJoint(n_dims=5).fit(split(counts)[0], seed=0)
+    return models
 
 
 def test_the_marker_list_holds_43_s_and_54_g2m_genes():
@@ -63,20 +99,22 @@ def test_log10_normalization_equals_the_direct_numpy_computation():
     np.testing.assert_allclose(log10_normalize(X), direct, rtol=1e-6)
 
 
-def test_joint_features_are_svd_of_rna_and_the_unreduced_proteins():
+def test_joint_features_are_truncated_svd_of_rna_and_the_unreduced_proteins():
     adata = multimodal()
-    feats = JointFeatures(n_components=10, reduce_mod2=False, seed=123).fit(adata.X, adata.obsm["mod2"])
-    Z = feats.transform(adata.X, adata.obsm["mod2"])
+    rna, prot = log10_normalize(adata.X), log10_normalize(adata.obsm["mod2"])
+    loadings = svd_loadings(rna, 10, seed=123)
+    Z = joint_features(rna, prot, loadings)
     X = adata.X.toarray().astype(np.float64)
-    rna = np.log10(1 + 1e4 * X / X.sum(1, keepdims=True))
     P = adata.obsm["mod2"].astype(np.float64)
-    prot = np.log10(1 + 1e4 * P / P.sum(1, keepdims=True))
-    svd = TruncatedSVD(10, random_state=123).fit(rna)
-    assert Z.shape == (adata.n_obs, 10 + 12)
-    np.testing.assert_allclose(Z[:, :10], svd.transform(rna), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(Z[:, 10:], prot, rtol=1e-5, atol=1e-6)
-    atac = JointFeatures(n_components=5, reduce_mod2=True, seed=123).fit(adata.X, adata.obsm["mod2"])
-    assert atac.transform(adata.X, adata.obsm["mod2"]).shape == (adata.n_obs, 10)
+    direct_rna = np.log10(1 + 1e4 * X / X.sum(1, keepdims=True))
+    svd = TruncatedSVD(10, random_state=123).fit(direct_rna)
+    assert loadings.shape == (80, 10) and loadings.flags.c_contiguous
+    assert Z.shape == (adata.n_obs, 10 + 12) and Z.dtype == np.float32
+    np.testing.assert_allclose(Z[:, :10], svd.transform(direct_rna), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(Z[:, 10:], np.log10(1 + 1e4 * P / P.sum(1, keepdims=True)), rtol=1e-5, atol=1e-6)
+    reduced = joint_features(rna, prot, svd_loadings(rna, 5, 123), svd_loadings(prot, 5, 123))
+    assert reduced.shape == (adata.n_obs, 5 + 5)  # ATAC: both modalities reduced
+    assert svd_loadings(prot, 100, 123).shape == (12, 11)  # capped below the number of features
 
 
 def test_uniform_batch_loss_is_minimal_at_a_uniform_prediction():
@@ -113,7 +151,8 @@ def test_latent_slices_have_the_sizes_types_batches_phase_free():
     adata = multimodal(genes=with_cell_cycle_genes())
     model = JAE(**FAST).fit(adata, seed=0)
     z = model.get_latent(adata)
-    assert model.slices == {"type": (0, 3), "batch": (3, 5), "phase": (5, 7), "free": (7, 12)}
+    assert model.slices_ == {"type": [0, 3], "batch": [3, 5], "phase": [5, 7], "free": [7, 12]}
+    assert model.cell_types_ == ["type0", "type1", "type2"]
     assert z.shape == (adata.n_obs, 3 + 2 + 2 + 5)
     assert (z >= 0).all()  # the source's ReLU latent
     np.testing.assert_array_equal(z, model.get_latent(adata))  # deterministic
@@ -127,7 +166,7 @@ def test_no_batch_column_and_no_markers_turn_those_heads_off():
     adata = multimodal(batch=False)  # gene names g0.., as in an .h5 file: no cell-cycle marker
     with pytest.warns(UserWarning, match="no S or no G2M cell-cycle marker"):
         model = JAE(**FAST).fit(adata, seed=0)
-    assert model.slices["batch"] is None and model.slices["phase"] is None
+    assert model.slices_["batch"] is None and model.slices_["phase"] is None
     assert model.get_latent(adata).shape == (adata.n_obs, 3 + 5)
     assert all("ce_batch" not in row and "phase" not in row for row in model.history)
 
@@ -135,7 +174,7 @@ def test_no_batch_column_and_no_markers_turn_those_heads_off():
 def test_cell_cycle_scores_are_scanpys_on_the_scaled_log_expression():
     import scanpy as sc
 
-    from a4.preprocessing import log_normalize, scale
+    from cellembed.preprocessing import log_normalize, scale
 
     adata = multimodal(genes=with_cell_cycle_genes())
     scores = cell_cycle_scores(adata.X, adata.var_names, seed=0)
@@ -147,29 +186,94 @@ def test_cell_cycle_scores_are_scanpys_on_the_scaled_log_expression():
     assert cell_cycle_scores(adata.X, [f"x{j}" for j in range(adata.n_vars)]) is None
 
 
-def test_one_modality_and_mismatched_cells_give_one_clear_error():
-    adata = multimodal()
-    rna_only = adata.copy()
+def test_one_modality_is_one_clear_error():
+    rna_only = multimodal()
     del rna_only.obsm["mod2"]
     for model in (JAE(**FAST), PCAJoint()):
-        with pytest.raises(ValueError, match="'planted' has one modality; JAE needs two"):
+        with pytest.raises(DataError, match=rf"adata: has one modality; {type(model).__name__} needs two .*"
+                                            r"obsm\['mod2'\]"):
             model.fit(rna_only)
-    feats = JointFeatures(n_components=5)
-    with pytest.raises(ValueError, match=r"different cells \(90 RNA vs 89 mod2 rows\)"):
-        feats.fit(adata.X, adata.obsm["mod2"][:89])
-    feats.fit(adata.X, adata.obsm["mod2"])
-    with pytest.raises(ValueError, match="different cells"):
-        feats.transform(adata.X[:10], adata.obsm["mod2"])
-    with pytest.raises(ValueError, match="RNA has 79 features, the model was fitted on 80"):
-        feats.transform(adata.X[:, :79], adata.obsm["mod2"])
+
+
+def test_fit_without_labels_key_is_a_data_error(counts):
+    with pytest.raises(DataError, match="JAE is supervised .*pass labels_key=COLUMN"):
+        JAE(epochs=1).fit(counts, seed=0)  # a user's AnnData: its Celltype column is not read unasked
+    assert PCAJoint(n_dims=3).fit(counts).get_latent(counts).shape == (counts.n_obs, 3)  # unsupervised
+
+
+@pytest.mark.parametrize("key", ["jae", "jae_atac", "pca_joint"])
+def test_held_out_cells_are_embedded_each_on_its_own(key, fitted, counts):
+    model = fitted[key]
+    fit_cells, held = split(counts)
+    z = model.get_latent(held)
+    assert z.shape == (held.n_obs, model.get_latent(fit_cells).shape[1]) and np.isfinite(z).all()
+    np.testing.assert_allclose(model.get_latent(held[7:19]), z[7:19], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_latent(held[[4]]), z[[4]], rtol=1e-5, atol=1e-6)
+    mixed = anndata.concat([held[:5], fit_cells[:30]])  # other cells beside them change nothing
+    np.testing.assert_allclose(model.get_latent(mixed)[:5], z[:5], rtol=1e-5, atol=1e-6)
+    fewer = held.copy()
+    fewer.obsm["mod2"] = fewer.obsm["mod2"][:, :11]
+    with pytest.raises(DataError, match=rf"obsm\['mod2'\] holds 11 features; {type(model).__name__} was fit on 12"):
+        model.get_latent(fewer)
+
+
+def test_jae_tells_the_types_of_held_out_cells(fitted, counts):
+    model, atac = fitted["jae"], fitted["jae_atac"]
+    _, held = split(counts)
+    assert next(model.module_.parameters()).device == model.device_ == torch.device("cpu")
+    assert model.svd_rna_loadings_.shape == atac.svd_rna_loadings_.shape == (40, 10)
+    assert model.svd_mod2_loadings_ is None and atac.svd_mod2_loadings_.shape == (12, 10)  # ADT unreduced
+    assert model.module_.decoder[-2].out_features == 10 + 12 and atac.module_.decoder[-2].out_features == 10 + 10
+    logits = model.get_latent(held)[:, slice(*model.slices_["type"])]  # the cell-type head
+    predicted = np.asarray(model.cell_types_)[logits.argmax(1)]
+    assert (predicted == held.obs["Celltype"].astype(str).to_numpy()).mean() > 0.9  # chance: 1/3
+
+
+def test_pca_joint_projects_any_cells_as_sklearns_pca_of_the_fit_cells():
+    adata = multimodal()
+    fit_cells, held = split(adata)
+    model = PCAJoint(n_dims=4, hvg_sel=20).fit(fit_cells)
+    assert model.features_rna_.shape == (20,) and model.features_mod2_.shape == (12,)  # all 12 proteins kept
+
+    def selected(data):
+        rna, prot = log10_normalize(data.X), log10_normalize(data.obsm["mod2"])
+        return np.hstack([rna[:, model.features_rna_], prot])
+
+    rna = log10_normalize(fit_cells.X)
+    np.testing.assert_array_equal(model.features_rna_, np.sort(np.argsort(-rna.std(0), kind="stable")[:20]))
+    pca = PCA(n_components=4, svd_solver="full").fit(selected(fit_cells))
+    assert model.loadings_.shape == (20 + 12, 4) and model.mean_.shape == (20 + 12,)
+    for cells in (fit_cells, held):  # float tolerance: the arrays' memory layouts differ from the model's
+        np.testing.assert_allclose(model.get_latent(cells), pca.transform(selected(cells)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["jae", "jae_atac", "pca_joint"])
+def test_save_and_load_give_the_same_latent_bit_for_bit(key, fitted, counts, tmp_path):
+    model = fitted[key]
+    _, held = split(counts)
+    model.save(tmp_path / key)
+    loaded = load_model(tmp_path / key, device="cpu")
+    assert type(loaded) is type(model)
+    np.testing.assert_array_equal(loaded.get_latent(held), model.get_latent(held))
+    np.testing.assert_array_equal(loaded.get_latent(counts), model.get_latent(counts))
+    fitted_state = [k for k in vars(model) if k.endswith("_") and k not in ("module_", "device_")]
+    for name in fitted_state:
+        saved, back = getattr(model, name), getattr(loaded, name)
+        if isinstance(saved, np.ndarray):
+            np.testing.assert_array_equal(back, saved)
+        elif isinstance(saved, pd.Index):
+            assert back.equals(saved)
+        else:
+            assert back == saved, name
+    assert loaded.history == model.history
 
 
 def test_jae_separates_planted_types_better_than_chance():
-    from a4.metrics import clustering_scores
+    from cellembed.evaluation.metrics import clustering_scores
 
     adata = multimodal(seed=2)
     with pytest.warns(UserWarning, match="cell-cycle marker"):
-        z = JAE(epochs=12, lr=3e-3, n_components=10).fit(adata, seed=0).get_latent(adata)
+        z = JAE(**HELD_OUT).fit(adata, seed=0).get_latent(adata)
     assert clustering_scores(z, adata.obs["Celltype"], seed=0)["ari_kmeans"] > 0.9
     base = PCAJoint(n_dims=5).fit(adata).get_latent(adata)
     assert base.shape == (adata.n_obs, 5)
@@ -178,16 +282,20 @@ def test_jae_separates_planted_types_better_than_chance():
 
 @pytest.mark.parametrize("name, n_types", [("neurips_cite", 41), ("neurips_multiome", 21)])
 def test_short_run_on_the_real_subsets(name, n_types, data_root):
-    from a4.data import load_dataset
+    from cellembed.data import load_dataset
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adata = load_dataset(name, data_root=data_root)
     model = JAE(epochs=1).fit(adata, seed=0)
     z = model.get_latent(adata)
-    assert model.slices["type"] == (0, n_types) and model.slices["batch"] == (n_types, n_types + 2)
+    assert model.slices_["type"] == [0, n_types] and model.slices_["batch"] == [n_types, n_types + 2]
     assert z.shape == (adata.n_obs, n_types + 2 + 2 + 5)
     assert len(model.history) == 1 and np.isfinite(model.history[-1]["valid_loss"])
-    n_rna = 100
-    n_mod2 = adata.obsm["mod2"].shape[1] if name == "neurips_cite" else 100
-    assert model.features.transform(adata.X, adata.obsm["mod2"]).shape == (adata.n_obs, n_rna + n_mod2)
+    assert model.svd_rna_loadings_.shape == (adata.n_vars, 100)
+    n_mod2 = adata.obsm["mod2"].shape[1]
+    assert model.n_mod2_ == n_mod2
+    if name == "neurips_cite":  # proteins unreduced
+        assert model.svd_mod2_loadings_ is None
+    else:
+        assert model.svd_mod2_loadings_.shape == (n_mod2, 100)

@@ -1,4 +1,4 @@
-"""The competition's joint-embedding metrics (a4/joint_metrics.py) against scib's own values."""
+"""The competition's joint-embedding metrics (cellembed/evaluation/joint_metrics.py) against scib's own values."""
 
 
 import anndata
@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from a4.joint_metrics import JOINT_METRICS, SIX, graph_connectivity, joint_scores, left_out
-from models.jae import cell_cycle_genes
+from cellembed.data.markers import cell_cycle_genes
+from cellembed.evaluation.joint_metrics import JOINT_METRICS, SIX, graph_connectivity, joint_scores, left_out
 
 # scib 1.1.7's values on `constructed_case()` (throwaway venv with scib==1.1.7 beside this
 # project's packages): neighbors(use_rep='X_emb'); opt_louvain + nmi; silhouette; silhouette_batch;
 # graph_connectivity; cell_cycle(pre, post, 'batch', 'X_emb', organism='human'), pre.X =
-# a4.preprocessing.log_normalize(X); trajectory_conservation(pre, post, 'cell_type', key, 'batch').
+# cellembed.preprocessing.log_normalize(X); trajectory_conservation(pre, post, 'cell_type', key, 'batch').
 SCIB_1_1_7 = {
     "nmi": 0.6921885082946957,
     "asw_label": 0.6123947128653526,

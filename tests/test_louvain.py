@@ -1,4 +1,4 @@
-"""a4.louvain against its oracle, the louvain package: identical partitions, numbering included."""
+"""cellembed.evaluation.louvain against its oracle, the louvain package: identical partitions, numbering included."""
 
 import warnings
 
@@ -8,9 +8,9 @@ import pytest
 import scipy.sparse as sp
 
 import comp565_A4
-from a4 import clustering
-from a4 import louvain as ours
-from a4.scoring import NoScorer
+from cellembed.evaluation import clustering
+from cellembed.evaluation import louvain as ours
+from cellembed.evaluation.scoring import NoScorer
 
 with warnings.catch_warnings():  # the package warns about pkg_resources and leidenalg
     warnings.simplefilter("ignore")

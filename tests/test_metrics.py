@@ -1,12 +1,12 @@
-"""a4.metrics: batch mixing, k-means and Louvain scores, against direct computations and scikit-learn."""
+"""cellembed.evaluation.metrics: batch mixing, k-means and Louvain scores, against direct computations and scikit-learn."""
 
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from a4 import metrics as rt
-from a4.clustering import louvain_labels
+from cellembed.evaluation import metrics as rt
+from cellembed.evaluation.clustering import louvain_labels
 
 
 def two_blobs(n=40, separated=True, seed=0):

@@ -106,7 +106,7 @@ def test_missing_data_folder_is_one_clear_error_and_writes_nothing(tmp_path, cap
 def test_precision_auto_resolves_to_what_the_hardware_has():
     import torch
 
-    from a4.runtime import native_bf16, use_bf16
+    from cellembed.runtime import native_bf16, use_bf16
 
     cpu = torch.device("cpu")
     assert use_bf16("auto", cpu) == native_bf16(cpu)
@@ -173,4 +173,8 @@ def test_short_run_gives_the_pinned_perf_tables(real_data_dir, tmp_path, model):
         np.testing.assert_array_equal(got[:, 0], expected[:, 0])
         rtol = 1e-9 if name.startswith("perf_nmf") else 1e-6  # float32 ETM: BLAS order may differ by CPU
         np.testing.assert_allclose(got[:, 1], expected[:, 1], rtol=rtol, err_msg=name)
-        np.testing.assert_allclose(got[:, 2], expected[:, 2], rtol=0, atol=1e-12, err_msg=name)
+        # The ETM's ARIs: scETM's step-2 partition sits on a tie that the summation order of the
+        # float32 encoder product decides (0.4404 on the AMD EPYC CI machine, 0.4313 on an Intel
+        # Xeon with AVX512-BF16, same NELBOs): the Louvain partition is exact, its input is not.
+        atol = 1e-12 if name.startswith("perf_nmf") else 0.01
+        np.testing.assert_allclose(got[:, 2], expected[:, 2], rtol=0, atol=atol, err_msg=name)

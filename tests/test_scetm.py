@@ -9,9 +9,9 @@ import torch
 from torch import distributions as D
 
 import comp565_A4
-from a4.likelihoods import CSRCounts, categorical_logits_nll
-from a4.training import linear_warmup
-from models.scetm import BatchETM, SCETMConfig, batch_codes
+from cellembed.likelihoods import CSRCounts, categorical_logits_nll
+from cellembed.training import linear_warmup
+from cellembed.models.scetm import BatchETM, SCETMConfig, batch_codes
 
 
 def adam(model, lr=SCETMConfig.lr):

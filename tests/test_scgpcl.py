@@ -1,16 +1,21 @@
-"""scGPCL (models/scgpcl.py): graph, losses against direct formulas, planted clusters, real data."""
+"""scGPCL (cellembed/models/scgpcl.py): graph, losses against direct formulas, planted clusters,
+new cells, save / load, real data."""
 
 
+import anndata
 import numpy as np
 import pytest
 import torch
+from conftest import make_counts
 from scipy import stats
 from sklearn.metrics import adjusted_rand_score
 
-from a4.likelihoods import zinb_loss
-from models.scgpcl import (SCGPCL, CellGeneGraph, dec_kl, granularities, instance_nce, preprocess,
-                           proto_nce, select_genes, target_distribution)
-from tests.conftest import make_counts
+from cellembed.data.checks import DataError
+from cellembed.likelihoods import zinb_loss
+from cellembed.models import load_model
+from cellembed.models.scgpcl import (SCGPCL, CellGeneGraph, dec_kl, granularities, instance_nce, preprocess,
+                                     proto_nce, select_genes, target_distribution)
+from cellembed.preprocessing import scale
 
 FAST = dict(epochs=6, warmup=3, fine_epochs=6, batch_size=64, num_samples=(64, 32), layers=(32, 8), kmeans_n_init=4)
 
@@ -126,33 +131,116 @@ def test_gene_selection_and_preprocessing():
     assert select_genes(X, top_fraction=0.2, min_genes=3).tolist() == sorted(
         np.argsort(X[:, :9].var(0), kind="stable")[::-1][:3].tolist())
     assert select_genes(X, 0.2, min_genes=2000).tolist() == list(range(9))  # all expressed genes
-    counts, sf, features = preprocess(X[:, :9])
+    counts, sf, features, train_stats = preprocess(X[:, :9])
     totals = X.sum(1)
     np.testing.assert_allclose(sf, totals / np.median(totals), rtol=1e-6)
     np.testing.assert_allclose(features.mean(0), 0, atol=1e-5)
+    # the training cells' features are scDeepCluster's scale(log1p(x / sf)), bit for bit
+    np.testing.assert_array_equal(features, scale(np.log1p(X[:, :9] / (totals / np.median(totals))[:, None])))
+    # with the stored statistics a cell's inputs depend on that cell alone
+    counts1, sf1, features1, same = preprocess(X[[2], :9], train_stats)
+    assert same is train_stats
+    np.testing.assert_array_equal(counts1, counts[[2]])
+    np.testing.assert_array_equal(sf1, sf[[2]])
+    np.testing.assert_array_equal(features1, features[[2]])
 
 
 def test_planted_clusters_recovered_and_same_seed_same_clusters():
     adata = make_counts(n_per_type=60, n_types=3, n_genes=60, seed=1)
     labels = adata.obs["Celltype"].to_numpy()
-    first = SCGPCL(**FAST).fit(adata, seed=0)
+    first = SCGPCL(**FAST).fit(adata, labels_key="Celltype", seed=0)
+    assert first.n_clusters_ == 3
     pred = first.predict(adata)
     assert adjusted_rand_score(labels, pred) > 0.9
     assert first.history[-1]["phase"] == "finetune" and "proto" in first.history[FAST["warmup"]]
-    again = SCGPCL(**FAST).fit(adata, seed=0)
+    again = SCGPCL(**FAST).fit(adata, labels_key="Celltype", seed=0)
     np.testing.assert_array_equal(again.predict(adata), pred)
-    np.testing.assert_array_equal(again.get_latent(adata), first.get_latent(adata))
-    with pytest.raises(ValueError, match="fitted on 60 genes"):
+    z = first.get_latent(adata)
+    np.testing.assert_array_equal(again.get_latent(adata), z)
+    order = np.random.default_rng(0).permutation(adata.n_vars)  # genes are matched by name
+    np.testing.assert_array_equal(first.get_latent(adata[:, order].copy()), z)
+    with pytest.raises(DataError, match="lacks 30 of the 60 genes"):
         first.get_latent(adata[:, :30])
-    with pytest.raises(ValueError, match="precision must be"):
-        SCGPCL(precision="fp8", **FAST).fit(adata)
+    with pytest.raises(ValueError, match="unknown precision"):
+        SCGPCL(precision="fp8", **FAST).fit(adata, labels_key="Celltype")
+
+
+@pytest.fixture(scope="module")
+def split():
+    """Planted types: 2/3 of the cells to fit on, the other 1/3 held out (both AnnData)."""
+    adata = make_counts(n_per_type=60, n_types=3, n_genes=60, seed=1)
+    held = np.zeros(adata.n_obs, dtype=bool)
+    held[np.random.default_rng(0).permutation(adata.n_obs)[:adata.n_obs // 3]] = True
+    return adata[~held].copy(), adata[held].copy()
+
+
+@pytest.fixture(scope="module")
+def fitted(split):
+    """scGPCL fit on the 2/3 without labels (the model is not told of obs['Celltype']), K = 3."""
+    return SCGPCL(**FAST).fit(split[0], n_clusters=3, seed=0)
+
+
+def test_fits_without_labels_and_clusters_new_cells(fitted, split):
+    train, held = split
+    assert fitted.n_clusters_ == 3 and fitted.module_.mu.shape == (3, FAST["layers"][-1])
+    for part in (train, held):  # held-out cells land in the clusters of their planted type
+        pred = fitted.predict(part)
+        assert pred.dtype == np.int64 and set(np.unique(pred)) <= {0, 1, 2}
+        assert adjusted_rand_score(part.obs["Celltype"].to_numpy(), pred) > 0.9
+    with pytest.raises(ValueError, match="pass n_clusters"):
+        SCGPCL(**FAST).fit(train)
+    with pytest.raises(ValueError, match="no setting 'n_clusters'"):
+        SCGPCL(n_clusters=3)
+
+
+def test_training_cells_keep_the_full_graph_embedding(fitted, split):
+    """The training cells' latent is the deterministic pass over the whole training graph."""
+    train = split[0]
+    counts, _, features, stats_ = preprocess(train.X[:, fitted.genes_])
+    assert stats_["median_total"] == fitted.median_total_
+    np.testing.assert_array_equal(stats_["mean"], fitted.feature_mean_)
+    np.testing.assert_array_equal(stats_["scale"], fitted.feature_scale_)
+    full = CellGeneGraph(torch.from_numpy(counts)).view()
+    module = fitted.module_
+    with torch.no_grad():
+        z, states = module.encode(torch.from_numpy(features), module.gene_embedding.weight, full["cell_from_gene"],
+                                  full["gene_from_cell"])
+    np.testing.assert_array_equal(module.gene_states.numpy(), states.numpy())
+    np.testing.assert_allclose(fitted.get_latent(train), z.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_new_cells_embed_independently_of_the_cells_passed_with_them(fitted, split):
+    train, held = split
+    z = fitted.get_latent(held)
+    assert z.shape == (held.n_obs, FAST["layers"][-1]) and np.isfinite(z).all()
+    close = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fitted.get_latent(held[[0]].copy()), z[[0]], **close)  # alone
+    np.testing.assert_allclose(fitted.get_latent(held[:5].copy()), z[:5], **close)
+    np.testing.assert_allclose(fitted.get_latent(held[::-1].copy())[::-1], z, **close)
+    with_train = fitted.get_latent(anndata.concat([held[:5], train]))  # among the training cells
+    np.testing.assert_allclose(with_train[:5], z[:5], **close)
+    np.testing.assert_allclose(with_train[5:], fitted.get_latent(train), **close)
+
+
+def test_save_load_is_bit_identical(fitted, split, tmp_path):
+    train, held = split
+    fitted.save(tmp_path / "scgpcl")
+    loaded = SCGPCL.load(tmp_path / "scgpcl", device="cpu")
+    assert type(load_model(tmp_path / "scgpcl", device="cpu")) is SCGPCL
+    np.testing.assert_array_equal(loaded.genes_, fitted.genes_)
+    assert loaded.n_clusters_ == 3 and loaded.median_total_ == fitted.median_total_
+    assert loaded.timings_ == fitted.timings_
+    for part in (train, held):
+        np.testing.assert_array_equal(loaded.get_latent(part), fitted.get_latent(part))
+        np.testing.assert_array_equal(loaded.predict(part), fitted.predict(part))
 
 
 def test_real_data_short_run(data_root):
-    from a4.data import load_dataset
+    from cellembed.data import load_dataset
 
     adata = load_dataset("mouse_bladder", data_root=data_root)[::4].copy()  # 687 cells, 2003 genes
-    model = SCGPCL(epochs=2, warmup=1, fine_epochs=1, batch_size=256, num_samples=(2048, 256)).fit(adata, seed=0)
+    model = SCGPCL(epochs=2, warmup=1, fine_epochs=1, batch_size=256, num_samples=(2048, 256),
+                   device="auto").fit(adata, seed=0)  # labels (and K) from load_dataset's obs['Celltype']
     z = model.get_latent(adata)
     assert z.shape == (adata.n_obs, 64) and np.isfinite(z).all()
     pred = model.predict(adata)

@@ -1,10 +1,10 @@
-"""a4.scoring: worker processes give the same ARIs as scoring in this process."""
+"""cellembed.evaluation.scoring: worker processes give the same ARIs as scoring in this process."""
 
 import numpy as np
 import pytest
 
-from a4 import clustering
-from a4.scoring import ARIScorer, split_cores
+from cellembed.evaluation import clustering
+from cellembed.evaluation.scoring import ARIScorer, split_cores
 
 
 def blobs(n_per=50, n_types=4, dim=8, spread=0.3, seed=0):

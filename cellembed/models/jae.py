@@ -1,0 +1,390 @@
+"""JAE, the joint-embedding autoencoder of RNA + protein or RNA + chromatin (registry ``jae``),
+and the competition organisers' PCA baseline of the concatenated modalities (``pca_joint``).
+
+Source: Liu, Zeng & Xu (team Amateur), first in the joint-embedding task of the NeurIPS 2021
+multimodal single-cell competition (``../shared/references/jae_multimodal_autoencoder.txt``; code
+in openproblems-bio/neurips2021_multimodal_topmethods, ``src/joint_embedding/methods/jae``:
+``train/script.py`` and ``resources/utils.py``, cited below as "train" and "utils"). Our defaults:
+
+- input (train ``preprocess``): per modality, each cell L1-normalized, x 1e4, ``log10(1 + x)``;
+  TruncatedSVD to 100 dimensions (``random_state=123``) for RNA and ATAC, proteins unreduced;
+  the two blocks concatenated;
+- encoder (utils ``create_encoder``): three residual blocks of 150, 120, 100 units, each
+  ``h = ReLU(Dense(x)); y = ReLU(Dense(BN(Dropout_0.1(h))) + h)``, then ``ReLU(Dense)`` to the latent
+  of ``n_cell_types + n_batches + 2 + 5`` units; decoder (``create_decoder``): ReLU layers of 100,
+  120, 150 units and a ReLU output of the input's size;
+- the latent's first slices (``create_classifier``) are the logits of the cell type
+  (cross-entropy), the logits of the batch (cross-entropy against the uniform distribution, so that
+  the batch cannot be told: ``random_classification_loss``), the S and G2M cell-cycle scores (MSE;
+  ``scanpy.tl.score_genes_cell_cycle`` on the scaled log expression with the 43 S and 54 G2M
+  Tirosh et al. markers, ``cellembed/data/cell_cycle_genes.csv``), and 5 free units;
+- loss ``0.7 MSE(recon) + 0.2 CE(type) + 0.05 CE(uniform, batch) + 0.05 MSE(phase)``; Adam 1e-4
+  (Keras' epsilon 1e-7), batch 32, at most 500 epochs, early stopping with patience 5 on the loss of
+  a 10% validation split, keeping the best epoch's weights; Keras' initialization (Glorot-uniform
+  weights, zero biases) and batch-norm constants (momentum 0.99, epsilon 1e-3).
+
+Labels enter training (``supervised = True``). Deviations, each forced by our setting: the source
+fits its SVDs on the unlabelled test cells and trains on separate labelled "exploration" cells,
+then fine-tunes on the test cells with the reconstruction loss only; we have one labelled set, so
+the SVDs and the network are fit on the labelled cells, and any cells (those or new ones, with the
+same genes and second-modality features) are embedded by them, without fine-tuning. The source
+scores the cell cycle on the exploration set's size-factor-normalized expression; we use ``log1p``
+of counts normalized to 1e4 per cell (`cellembed.preprocessing.log_normalize`), then scale. A data
+set without a batch column (or with one batch) has no batch slice and no batch loss; one whose
+genes include no S or no G2M marker (e.g. an ``.h5`` file, which stores no gene names) has no phase
+slice and no phase loss (a warning says so). The last partial minibatch of an epoch is skipped when
+it would hold a single cell (batch norm needs two).
+
+The organisers' baseline (openproblems-bio/neurips2021_multimodal_viash,
+``src/joint_embedding/methods/baseline_pca``): per modality the 1,000 features of largest standard
+deviation, concatenated, and the first 10 principal components (``irlba::prcomp_irlba``, centred,
+not scaled). Their input was the organisers' normalized ``X``; ours is JAE's normalization of the
+raw counts of each modality, ``log10(1 + 1e4 x / total)`` (we keep raw counts only), so that the
+two differ only in the model. New cells are projected on the fit cells' features, mean and
+components.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import anndata
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from sklearn.decomposition import PCA, TruncatedSVD
+from sklearn.preprocessing import normalize
+from torch import nn
+
+from cellembed.data.checks import BATCH_KEY, LABEL_KEY, DataError
+from cellembed.data.markers import markers_present
+from cellembed.data.validate import MOD2_KEY
+from cellembed.models.base import Model
+from cellembed.preprocessing import dense, log_normalize, scale
+from cellembed.training import predict, train
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def log10_normalize(X, target_sum=1e4):
+    """``log10(1 + target_sum * x / sum(x))`` per cell (train ``preprocess``), dense (N, M) float32.
+
+    A cell with no counts stays 0 (`sklearn.preprocessing.normalize` leaves zero rows as they are).
+    """
+    X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+    scaled = target_sum * normalize(X, norm="l1", axis=1)  # (N, M)
+    return (np.log1p(dense(scaled, np.float64)) / np.log(10)).astype(np.float32)
+
+
+def svd_loadings(X, wanted, seed):
+    """TruncatedSVD's ``components_`` of ``X`` (N, M), transposed: (M, k), C-contiguous.
+
+    ``X @ loadings`` is TruncatedSVD's ``transform``. C-contiguous, so that the product runs the
+    same BLAS call before and after `save` / `load` (``components_`` can be a strided view, which
+    is saved contiguous; the two layouts can differ in the last bit). ``k`` is ``wanted`` capped
+    to ``M - 1`` (TruncatedSVD needs fewer components than features); ``seed`` is its
+    ``random_state`` (train: 123).
+    """
+    k = max(1, min(wanted, X.shape[1] - 1))
+    return np.ascontiguousarray(TruncatedSVD(n_components=k, random_state=seed).fit(X).components_.T)
+
+
+def joint_features(rna, mod2, rna_loadings, mod2_loadings=None):
+    """The JAE input (train ``preprocess``): both normalized modalities, reduced, side by side.
+
+    Parameters
+    ----------
+    rna : ndarray, shape (N, M)
+        `log10_normalize` of the RNA counts.
+    mod2 : ndarray, shape (N, M2)
+        `log10_normalize` of the second modality's counts.
+    rna_loadings : ndarray, shape (M, k)
+        `svd_loadings` of the fit cells' RNA.
+    mod2_loadings : ndarray, shape (M2, k2), optional
+        The same for the second modality (ATAC); None keeps it unreduced (ADT).
+
+    Returns
+    -------
+    ndarray, shape (N, k + k2) (k2 = M2 when unreduced), float32
+    """
+    reduced = mod2 if mod2_loadings is None else mod2 @ mod2_loadings
+    return np.hstack([rna @ rna_loadings, reduced]).astype(np.float32)
+
+
+def two_modalities(data, model, n_mod2=None):
+    """The RNA counts (N, M) and the second modality's counts (N, M2) of a checked AnnData.
+
+    Parameters
+    ----------
+    data : anndata.AnnData
+        What `cellembed.data.setup_anndata` returns.
+    model : str
+        The model's name, for the errors.
+    n_mod2 : int, optional
+        The number of second-modality features the model was fit on.
+
+    Raises
+    ------
+    DataError
+        No ``obsm['mod2']``, or not ``n_mod2`` features in it.
+    """
+    if MOD2_KEY not in data.obsm:
+        raise DataError(f"adata: has one modality; {model} needs two (RNA counts in X, protein or ATAC counts in "
+                        f"obsm[{MOD2_KEY!r}]): pass a multimodal set such as neurips_cite or neurips_multiome")
+    mod2 = data.obsm[MOD2_KEY]
+    if n_mod2 is not None and mod2.shape[1] != n_mod2:
+        raise DataError(f"adata: obsm[{MOD2_KEY!r}] holds {mod2.shape[1]} features; {model} was fit on {n_mod2}: "
+                        "pass the same second-modality features, in the same order")
+    return data.X, mod2
+
+
+def modality(data):
+    """``"ADT"`` or ``"ATAC"`` (``uns['mod2']['modality']``; ADT when not stated)."""
+    return str(data.uns.get(MOD2_KEY, {}).get("modality", "ADT")).upper()
+
+
+def cell_cycle_scores(counts, var_names, seed=0):
+    """S and G2M scores of every cell (``scanpy.tl.score_genes_cell_cycle`` on the scaled log expression).
+
+    Parameters
+    ----------
+    counts : sparse or ndarray, shape (N, M)
+        Raw RNA counts.
+    var_names : sequence of str, length M
+    seed : int
+        ``score_genes``' random state (its control genes).
+
+    Returns
+    -------
+    ndarray, shape (N, 2), or None
+        Columns S_score, G2M_score; None when no S or no G2M marker is among ``var_names``.
+    """
+    import scanpy as sc
+
+    s_genes, g2m_genes = markers_present(var_names, "S"), markers_present(var_names, "G2M")
+    if not s_genes or not g2m_genes:
+        return None
+    adata = anndata.AnnData(scale(log_normalize(counts)), var=pd.DataFrame(index=pd.Index(var_names).astype(str)))
+    sc.tl.score_genes_cell_cycle(adata, s_genes=s_genes, g2m_genes=g2m_genes, random_state=seed)
+    return adata.obs[["S_score", "G2M_score"]].to_numpy(np.float32)
+
+
+# ----------------------------------------------------------------------------- the torch module
+
+def keras_dense(n_in, n_out):
+    """A linear layer initialized as Keras' Dense (Glorot-uniform weights, zero bias)."""
+    layer = nn.Linear(n_in, n_out)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ResidualBlock(nn.Module):
+    """``h = ReLU(Dense(x)); ReLU(Dense(BN(Dropout(h))) + h)`` (utils ``create_encoder``), (B, n_in) -> (B, n)."""
+
+    def __init__(self, n_in, n, dropout=0.1):
+        super().__init__()
+        self.inner, self.outer = keras_dense(n_in, n), keras_dense(n, n)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.BatchNorm1d(n, eps=1e-3, momentum=0.01)  # Keras' BatchNormalization defaults
+
+    def forward(self, x):
+        h = F.relu(self.inner(x))
+        return F.relu(self.outer(self.norm(self.drop(h))) + h)
+
+
+class JAEModule(nn.Module):
+    """The autoencoder: residual encoder to a ReLU latent (B, d_latent), ReLU decoder back to (B, n_in)."""
+
+    def __init__(self, n_in, n_latent, hidden=(150, 120, 100), dropout=0.1):
+        super().__init__()
+        blocks, width = [], n_in
+        for n in hidden:
+            blocks.append(ResidualBlock(width, n, dropout))
+            width = n
+        self.blocks = nn.Sequential(*blocks)
+        self.to_latent = keras_dense(width, n_latent)
+        layers, width = [], n_latent
+        for n in hidden[::-1]:
+            layers += [keras_dense(width, n), nn.ReLU()]
+            width = n
+        layers += [keras_dense(width, n_in), nn.ReLU()]  # the source's decoder ends in a ReLU too
+        self.decoder = nn.Sequential(*layers)
+
+    def encode(self, x):
+        """Latent (B, d_latent), ReLU as in the source's encoder."""
+        return F.relu(self.to_latent(self.blocks(x)))
+
+    def forward(self, x):
+        z = self.encode(x)
+        return z, self.decoder(z)
+
+
+def uniform_batch_loss(logits):
+    """Cross-entropy of the uniform distribution against ``softmax(logits)`` (B, n_batches), mean over cells.
+
+    ``-(1/K) sum_k log softmax(logits)_k``; its minimum, ``log K``, is at equal logits.
+    """
+    return -F.log_softmax(logits, dim=1).mean(dim=1).mean()
+
+
+def jae_loss(slices, weights):
+    """The loss function for `cellembed.training.train`: ``batch = (x, cell_type[, batch][, phase])``.
+
+    Parameters
+    ----------
+    slices : dict
+        ``type``, ``batch``, ``phase``: [start, stop] of each slice of the latent; ``batch`` and
+        ``phase`` may be None (no such head).
+    weights : tuple of 4 floats
+        Reconstruction, cell type, batch, phase.
+    """
+    w_rec, w_type, w_batch, w_phase = weights
+
+    def loss_fn(module, batch, _kl_weight):
+        x, cell_type, *rest = batch
+        z, recon = module(x)
+        rec = F.mse_loss(recon, x)  # Keras' MSE: mean over features and cells
+        ce = F.cross_entropy(z[:, slice(*slices["type"])], cell_type)
+        loss = w_rec * rec + w_type * ce
+        parts = {"rec": rec.item(), "ce_type": ce.item()}
+        rest = list(rest)
+        if slices["batch"] is not None:
+            uni = uniform_batch_loss(z[:, slice(*slices["batch"])])
+            loss = loss + w_batch * uni
+            parts["ce_batch"] = uni.item()
+        if slices["phase"] is not None:
+            phase = F.mse_loss(z[:, slice(*slices["phase"])], rest[-1])
+            loss = loss + w_phase * phase
+            parts["phase"] = phase.item()
+        return loss, parts
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- the models
+
+@dataclasses.dataclass
+class JAEConfig:
+    n_components: int = 100  # train: n_components_mod1 = n_components_mod2 = 100
+    svd_seed: int = 123  # train: TruncatedSVD(random_state=123)
+    target_sum: float = 1e4  # train: scale = 1e4
+    hidden: tuple = (150, 120, 100)  # train: hidden_units = [150, 120, 100, latent]
+    n_free: int = 5  # train: nb_cell_types + nb_batches + nb_phases + 5
+    dropout: float = 0.1  # utils: Dropout(0.1)
+    loss_weights: tuple = (0.7, 0.2, 0.05, 0.05)  # train: loss_weights (recon, type, batch, phase)
+    lr: float = 1e-4  # train: params["lr"]
+    adam_eps: float = 1e-7  # Keras' Adam epsilon (torch's default is 1e-8)
+    batch_size: int = 32  # train: batch_size = 32
+    epochs: int = 500  # train: epochs = 500
+    patience: int = 5  # train: EarlyStoppingAtMinLoss(patience=5)
+    valid_fraction: float = 0.1  # train: train_test_split(test_size=0.1)
+
+
+class JAE(Model):
+    """JAE (see the module's docstring). Needs ``obsm['mod2']``; labels enter training.
+
+    Fitted attributes: ``svd_rna_loadings_`` (M, k) and ``svd_mod2_loadings_`` (M2, k2; None
+    for ADT, which stays unreduced), the fit cells' TruncatedSVD components (`svd_loadings`);
+    ``n_mod2_``, the second modality's number of features; ``cell_types_``, the classes of the
+    type slice in order; ``slices_``, slice name (``type``, ``batch``, ``phase``, ``free``) ->
+    ``[start, stop]`` (a Python slice) of the latent, None for a head that is off; ``module_``,
+    the `JAEModule`.
+    """
+
+    Config = JAEConfig
+    quick = {"epochs": 2}  # compare.py --quick: a smoke run
+    supervised = True
+
+    def _fit(self, data, seed):
+        cfg = self.config
+        rna, mod2 = two_modalities(data, "JAE")
+        self.n_mod2_ = int(mod2.shape[1])
+        rna, mod2 = log10_normalize(rna, cfg.target_sum), log10_normalize(mod2, cfg.target_sum)
+        self.svd_rna_loadings_ = svd_loadings(rna, cfg.n_components, cfg.svd_seed)
+        self.svd_mod2_loadings_ = svd_loadings(mod2, cfg.n_components, cfg.svd_seed) if modality(data) != "ADT" \
+            else None
+        x = torch.from_numpy(joint_features(rna, mod2, self.svd_rna_loadings_, self.svd_mod2_loadings_))
+        types = data.obs[LABEL_KEY].astype("category")
+        self.cell_types_ = [str(t) for t in types.cat.categories]
+        tensors = [x, torch.from_numpy(types.cat.codes.to_numpy().astype(np.int64))]  # (N, D), (N,)
+        n_batches = int(data.obs[BATCH_KEY].nunique()) if BATCH_KEY in data.obs else 0
+        n_batches = n_batches if n_batches >= 2 else 0  # one batch: nothing to remove
+        phase = cell_cycle_scores(data.X, data.var_names, seed=seed)  # (N, 2) or None
+        if phase is None:
+            warnings.warn(f"JAE: no S or no G2M cell-cycle marker among the {data.n_vars} genes; "
+                          "training without the phase slice and loss", stacklevel=3)
+        else:
+            tensors.append(torch.from_numpy(phase))
+        n_phase = 0 if phase is None else 2
+        edges = [int(e) for e in np.cumsum([0, len(self.cell_types_), n_batches, n_phase, cfg.n_free])]
+        self.slices_ = {"type": edges[0:2], "batch": edges[1:3] if n_batches else None,
+                        "phase": edges[2:4] if n_phase else None, "free": edges[3:5]}
+        self.module_ = self._build_module().to(self.device_)
+        optimizer = torch.optim.Adam(self.module_.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        n_train = x.shape[0] - max(1, int(round(cfg.valid_fraction * x.shape[0]))) if cfg.valid_fraction > 0 \
+            else x.shape[0]
+        self.history = train(self.module_, jae_loss(self.slices_, cfg.loss_weights), tuple(tensors), optimizer,
+                             epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
+                             valid_fraction=cfg.valid_fraction, patience=cfg.patience, desc="jae",
+                             drop_last=n_train % cfg.batch_size == 1)
+
+    def _build_module(self):
+        n_mod2 = self.n_mod2_ if self.svd_mod2_loadings_ is None else self.svd_mod2_loadings_.shape[1]
+        return JAEModule(self.svd_rna_loadings_.shape[1] + n_mod2, self.slices_["free"][1], self.config.hidden,
+                         self.config.dropout)
+
+    def _get_latent(self, data):
+        """The encoder's ReLU latent of the cells, (N, d): the `slices_` side by side."""
+        rna, mod2 = two_modalities(data, "JAE", self.n_mod2_)
+        target_sum = self.config.target_sum
+        x = joint_features(log10_normalize(rna, target_sum), log10_normalize(mod2, target_sum),
+                           self.svd_rna_loadings_, self.svd_mod2_loadings_)  # (N, D)
+        self.module_.eval()
+        return predict(self.module_.encode, torch.from_numpy(x), device=self.device_)
+
+
+@dataclasses.dataclass
+class PCAJointConfig:
+    n_dims: int = 10  # baseline_pca config.vsh.yaml: --n_dims default 10
+    hvg_sel: int = 1000  # baseline_pca config.vsh.yaml: --hvg_sel default 1000 (per modality)
+    target_sum: float = 1e4  # ours: log10(1 + 1e4 x / total) per modality, JAE's normalization
+
+
+class PCAJoint(Model):
+    """The organisers' baseline: PCA of the top-sd features of both modalities, concatenated.
+
+    Fitted attributes: ``features_rna_`` and ``features_mod2_``, the columns kept from each
+    modality (int, ascending); ``n_mod2_``, the second modality's number of features;
+    ``mean_`` (D,) and ``loadings_`` (D, k), the PCA of the kept features (D of them): its
+    ``mean_`` and ``components_.T``.
+    """
+
+    Config = PCAJointConfig
+    uses_torch = False
+
+    def _blocks(self, data, n_mod2=None):
+        """Both modalities' `log10_normalize` (N, M) and (N, M2)."""
+        return [log10_normalize(X, self.config.target_sum) for X in two_modalities(data, "PCAJoint", n_mod2)]
+
+    def _selected(self, rna, mod2):
+        """The kept features of both blocks side by side, (N, D)."""
+        return np.hstack([rna[:, self.features_rna_], mod2[:, self.features_mod2_]])
+
+    def _fit(self, data, seed):
+        rna, mod2 = self._blocks(data)
+        self.n_mod2_ = int(mod2.shape[1])
+        self.features_rna_, self.features_mod2_ = (np.sort(np.argsort(-X.std(axis=0), kind="stable")
+                                                           [:self.config.hvg_sel]) for X in (rna, mod2))
+        Z = self._selected(rna, mod2)  # (N, D)
+        pca = PCA(n_components=min(self.config.n_dims, min(Z.shape) - 1), svd_solver="full").fit(Z)
+        self.mean_, self.loadings_ = pca.mean_, np.ascontiguousarray(pca.components_.T)
+        self.history = [{"epoch": 0, "explained_variance": float(pca.explained_variance_ratio_.sum())}]
+
+    def _get_latent(self, data):
+        """The cells' principal components, (N, k): sklearn's ``PCA.transform``, in its order of operations."""
+        Z = self._selected(*self._blocks(data, self.n_mod2_))  # (N, D)
+        return Z @ self.loadings_ - self.mean_[None, :] @ self.loadings_

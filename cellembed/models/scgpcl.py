@@ -1,0 +1,626 @@
+"""scGPCL: graph prototypical contrastive clustering of cells (Lee et al., Bioinformatics 2023).
+
+Registry name ``scgpcl``. Source: ``../shared/references/scgpcl_graph_contrastive.txt`` and the
+public code (github.com/Junseok0207/scGPCL: ``models/scGPCL.py``, ``layers/``, ``src/``).
+
+The recipe (our defaults, `SCGPCLConfig` cites where each value comes from):
+
+- Preprocessing as scDeepCluster (``src/data.py``): genes and cells without counts dropped; the
+  top 20% of genes by variance of the raw counts; size factor = cell total / median total;
+  input = ``scale(log1p(x / size factor))``. Raw counts and size factors feed the ZINB loss.
+- Graph: bipartite cells x genes, one unweighted edge per non-zero raw count. Cell features: the
+  scaled expression (M); gene features: a learned 64-d embedding.
+- Encoder: two heterogeneous GraphSAGE layers (mean aggregation, ``lin_l(mean of neighbours) +
+  lin_r(self)``, one per edge type), widths 256 and 64, batch norm per node type, no activation
+  (PyG's ``HeteroConv(SAGEConv)`` + ``BatchNorm`` of ``layers/GCN.py``). Decoder: 64 -> 256, BN,
+  ReLU, then ZINB heads (mean = clamp(exp, 1e-5, 1e6), dispersion = clamp(softplus, 1e-4, 1e4),
+  dropout = sigmoid) and DCA's ZINB loss with size factors (`cellembed.likelihoods.zinb_loss`).
+- Pre-training, per step of 1024 seed cells: two views, each a sampled subgraph (HGT sampling,
+  2048 then 1024 nodes per type and hop) with 20% of the feature columns zeroed; loss
+  ``ZINB (mean of the views) + lambda1 InfoNCE(view 1, view 2) + lambda2 ProtoNCE``; ProtoNCE
+  (after 100 warm-up epochs) contrasts view 1 against the k-means centroids of view 2 at
+  K, 1.5K and 2K clusters. AdamW (lr 1e-4, weight decay 1e-4), up to 200 epochs, stopping when
+  the k-means clusters (K) of two consecutive epochs agree at ARI > 0.99.
+- Fine-tuning (DEC): k-means centroids initialize K cluster centres; Student-t soft assignment q
+  (alpha 1), target ``p = q^2 / f`` refreshed every epoch; loss ``ZINB + lambda3 KL(P || Q)``;
+  Adadelta (lr 1, rho 0.95); up to 200 epochs, stopping when < 0.1% of labels change.
+  Clusters: argmax q. K = ``n_clusters`` of `fit` (default: the number of labelled classes).
+
+Deviations (each for a stated reason):
+
+- Evaluation is deterministic: batch norm in evaluation mode, no masking, every edge. The public
+  code evaluates on sampled subgraphs (its embeddings are random). A cell's embedding is that of
+  the full training graph (all training cells, all kept genes, every edge) with the cell joined
+  to it through its own gene edges: layer 1 of the cell from its scaled expression and the mean
+  of its genes' embeddings; layer 2 from the mean of its genes' layer-1 states, which are those
+  of the training graph (stored at the end of `fit` as the module's ``gene_states``). The cells
+  passed along do not enter the genes' states, so a cell's embedding does not depend on them
+  (the public code is transductive: it has no rule for new cells); for the training cells this
+  is exactly the full-graph pass of the training graph.
+- New cells are preprocessed with statistics of the training cells (``median_total_``,
+  ``feature_mean_``, ``feature_scale_``): scDeepCluster's size factors and ``scale`` recomputed
+  on whatever cells are passed would make a cell's input depend on the others. For the training
+  cells these are the statistics scDeepCluster computes, so their inputs are unchanged.
+- Subgraph sampling is our own (torch_sparse's ``hgt_sample`` needs compiled extensions). It
+  follows the HGT sampler: the budget of an unseen node sums ``1 / deg`` over its sampled
+  neighbours, and nodes are drawn without replacement with probability ``budget^2``; the
+  subgraph keeps, for every node, at most ``max_neighbors`` (50) of its edges. Two
+  simplifications: the budget is its expected value (torch_sparse adds ``1/50`` for 50 random
+  neighbours of a node with more than 50, which is ``1/deg`` per neighbour on average), and a node
+  with ``deg > 50`` keeps each edge with probability ``50 / deg`` (50 on average) instead of
+  exactly 50, which needs no per-node sort.
+- The instance InfoNCE is the paper's equation (every anchor of both views excludes itself from
+  its denominator); the public code forgets to mask the self-similarity of view 2's anchors.
+- Prototypes: k-means with ``proto_n_init = 1`` restart instead of 20 (three k-means per step
+  were 0.5 s of each 1 s step on our 2 cores; prototypes are recomputed every step anyway).
+- Genes: the top 20% by variance, but never fewer than ``min_genes = 2000`` (all genes when a set
+  has fewer): the scDeepCluster sets are already top-2000 selections (the issue's rule), and 20%
+  of a pre-filtered set (4,194 genes of Mouse Pancreas) would keep only 839.
+- Heads are decoded for the seed cells only (the public code decodes every sampled cell and
+  slices; the hidden layer, whose batch norm sees every sampled cell, is the same) and the
+  encoder's unused last gene layer is skipped: same losses, less work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+from torch import nn
+
+from cellembed.likelihoods import zinb_loss
+from cellembed.models.base import Model
+from cellembed.preprocessing import dense, gene_scaling, library_sizes
+from cellembed.runtime import use_bf16
+from cellembed.training import predict, train
+
+# layers/ZINB.py MeanAct / DispAct: the ZINB mean and dispersion are clamped to these ranges
+MEAN_MIN, MEAN_MAX = 1e-5, 1e6
+DISP_MIN, DISP_MAX = 1e-4, 1e4
+# Guards log(p / (q + eps)) of DEC's KL (models/scGPCL.py cluster_loss uses 1e-6)
+KL_EPS = 1e-6
+
+
+@dataclass
+class SCGPCLConfig:
+    """Hyperparameters of `SCGPCL`; defaults from the public code (``src/argument.py``)."""
+
+    top_fraction: float = 0.2  # --HVG 0.2: top 20% of genes by raw-count variance
+    min_genes: int = 2000  # deviation: never fewer than this (all when fewer; see module doc)
+    layers: tuple = (256, 64)  # --layers [256,64]: encoder widths; the gene embedding is layers[-1]
+    lr: float = 1e-4  # --lr 0.0001 (the slides' pre-training table; Real.sh varies it per set)
+    weight_decay: float = 1e-4  # --decay 1e-4 (AdamW, and Adadelta in fine-tuning)
+    fine_lr: float = 1.0  # --fine_lr 1.0 (Adadelta)
+    fine_rho: float = 0.95  # fine_tune(): Adadelta rho .95
+    warmup: int = 100  # --warmup 100: epochs before the prototypical loss
+    epochs: int = 200  # --epochs 200 (pre-training)
+    fine_epochs: int = 200  # --fine_epochs 200
+    batch_size: int = 1024  # --batch_size 1024 seed cells per step
+    num_samples: tuple = (2048, 1024)  # --ns [2048,1024]: nodes per type sampled at hop 1, 2
+    max_neighbors: int = 50  # torch_sparse hgt_sample's MAX_NEIGHBORS
+    drop_feature: float = 0.2  # --df_1 / --df_2 0.2: share of feature columns zeroed per view
+    tau: float = 0.25  # --tau 0.25
+    alpha: float = 1.0  # --alpha 1.0: Student-t degrees of freedom
+    granularity: tuple = (1, 1.5, 2)  # --granularity [1,1.5,2]: prototypes K, 1.5K, 2K
+    lam1: float = 1.0  # --lam1 1.0: instance InfoNCE
+    lam2: float = 0.05  # --lam2 0.05: prototypical InfoNCE
+    lam3: float = 1.0  # --lam3 1.0: DEC KL
+    r: float = 0.99  # --r 0.99: pre-training stops at consecutive k-means ARI above this
+    tol: float = 0.001  # --tol 0.001: fine-tuning stops below this share of changed labels
+    kmeans_n_init: int = 20  # predict_celltype / fine_tune: KMeans(n_init=20)
+    proto_n_init: int = 1  # deviation: k-means restarts for the per-step prototypes (source 20)
+    precision: str = "auto"  # training products in "bf16", "fp32", or "auto": bf16 where the device has it
+
+
+# ----------------------------------------------------------------------------- data and graph
+
+def select_genes(X, top_fraction=0.2, min_genes=2000):
+    """Indices of the genes kept: the top ``top_fraction`` by variance of the raw counts.
+
+    At least ``min_genes`` genes (all of them when there are fewer); genes without a count are
+    never kept.
+
+    Parameters
+    ----------
+    X : scipy.sparse matrix or ndarray, shape (N, M)
+        Raw counts.
+
+    Returns
+    -------
+    ndarray of int64, shape (M',)
+        Sorted column indices.
+    """
+    # float64 sums: the float32 counts of the model API rank genes as integer counts do
+    X = X.tocsc().astype(np.float64) if hasattr(X, "tocsc") else np.asarray(X, dtype=np.float64)
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    sq = X.multiply(X).mean(axis=0) if hasattr(X, "multiply") else (X ** 2).mean(0)
+    var = np.asarray(sq, dtype=np.float64).ravel() - mean ** 2  # (M,) population variance
+    expressed = np.flatnonzero(mean > 0)
+    n_keep = min(expressed.size, max(int(X.shape[1] * top_fraction), min_genes))
+    order = expressed[np.argsort(var[expressed], kind="stable")]
+    return np.sort(order[::-1][:n_keep]).astype(np.int64)
+
+
+def preprocess(X, stats=None):
+    """scDeepCluster's inputs of raw counts ``X`` (N, M): counts, size factors, scaled features.
+
+    Parameters
+    ----------
+    X : scipy.sparse matrix or ndarray, shape (N, M)
+        Raw counts.
+    stats : dict, optional
+        The training cells' statistics (the ``stats`` this function returned for them): the
+        inputs of every cell then depend on that cell alone. None: computed from ``X``
+        (scDeepCluster's preprocessing of the training cells).
+
+    Returns
+    -------
+    counts : ndarray, shape (N, M), float32
+        Raw counts (the ZINB targets; their non-zeros are the graph's edges).
+    size_factors : ndarray, shape (N,), float32
+        Cell total / median total.
+    features : ndarray, shape (N, M), float32
+        ``(log1p(x / size factor) - mean) / scale``: sc.pp.normalize_per_cell, log1p and
+        scale (`cellembed.preprocessing.scale`'s numbers, bit for bit, on the training cells).
+    stats : dict
+        ``median_total`` (float: median cell total), ``mean`` and ``scale`` (float64 (M,): mean
+        and standard deviation, ddof 1, of the log values; 1 where that is 0): ``stats`` when
+        given.
+    """
+    counts = dense(X)
+    totals = library_sizes(X)
+    # a cell may have no count among the kept genes: it keeps size factor 0 (the ZINB of its
+    # zeros is then exact), and is divided by 1 instead of 0 (scanpy's normalize_per_cell)
+    median = float(np.median(totals[totals > 0])) if stats is None else stats["median_total"]
+    sf = totals / median
+    logx = np.log1p(counts / np.where(sf > 0, sf, 1.0)[:, None])  # (N, M) float64
+    if stats is None:
+        mean, sd = gene_scaling(logx)
+        stats = {"median_total": median, "mean": mean, "scale": sd}
+    features = ((logx - stats["mean"]) / stats["scale"]).astype(np.float32)
+    return counts, sf.astype(np.float32), features, stats
+
+
+class CellGeneGraph:
+    """The bipartite cell-gene graph: an edge wherever a raw count is non-zero.
+
+    Kept as a dense 0/1 matrix: the subgraphs are at most a few thousand nodes of each type, and
+    dense products were faster than torch's sparse ones on them (10x PBMC, 2 cores). It stays
+    on the CPU, where the sampling's generator draws; the views move to the module's device.
+
+    Parameters
+    ----------
+    counts : Tensor, shape (N, M)
+        Raw counts.
+
+    Attributes
+    ----------
+    edges : Tensor, shape (N, M)
+        1.0 where a cell has a count of a gene.
+    n_cells, n_genes, n_edges : int
+    cell_degree, gene_degree : Tensor, (N,), (M,)
+    """
+
+    def __init__(self, counts):
+        self.edges = (torch.as_tensor(counts) > 0).float()  # (N, M)
+        self.n_cells, self.n_genes = self.edges.shape
+        self.cell_degree = self.edges.sum(1)
+        self.gene_degree = self.edges.sum(0)
+        self.n_edges = int(self.cell_degree.sum())
+
+    def view(self, cells=None, genes=None, generator=None, max_neighbors=50):
+        """The (sub)graph on ``cells`` x ``genes`` as two dense mean-aggregation matrices.
+
+        Parameters
+        ----------
+        cells, genes : LongTensor, optional
+            Node ids (default every node); ``cells`` starts with the seed cells.
+        generator : torch.Generator, optional
+            Subsample the edges (training views): a node of degree d > max_neighbors keeps
+            each of its edges with probability max_neighbors / d, independently for the two
+            directions. None: every edge (the deterministic full graph).
+
+        Returns
+        -------
+        dict
+            ``cells`` (Nc,), ``genes`` (Mg,), ``cell_from_gene`` (Nc, Mg) and ``gene_from_cell``
+            (Mg, Nc): row-normalized adjacency, so that ``A @ h`` is the mean over neighbours.
+        """
+        cells = torch.arange(self.n_cells) if cells is None else cells
+        genes = torch.arange(self.n_genes) if genes is None else genes
+        sub = self.edges[cells][:, genes]  # (Nc, Mg)
+        cell_from_gene, gene_from_cell = sub, sub.T
+        if generator is not None:
+            # a degree of 0 has no edge to keep: clamp(min=1) only avoids 0 / 0
+            keep_cell = (max_neighbors / self.cell_degree[cells].clamp(min=1)).clamp(max=1.0)  # (Nc,)
+            keep_gene = (max_neighbors / self.gene_degree[genes].clamp(min=1)).clamp(max=1.0)  # (Mg,)
+            cell_from_gene = sub * (torch.rand(sub.shape, generator=generator) < keep_cell[:, None])
+            gene_from_cell = sub.T * (torch.rand(sub.T.shape, generator=generator) < keep_gene[:, None])
+        return {"cells": cells, "genes": genes, "cell_from_gene": mean_rows(cell_from_gene),
+                "gene_from_cell": mean_rows(gene_from_cell)}
+
+    def sample(self, seeds, num_samples, generator, max_neighbors=50):
+        """HGT-style subgraph around the seed cells (torch_sparse ``hgt_sample``, 2 hops).
+
+        Hop 1 draws up to ``num_samples[0]`` genes among the seeds' genes; hop 2 up to
+        ``num_samples[1]`` new cells among those genes' cells and up to ``num_samples[1]``
+        more genes among the seeds' remaining genes. A node's budget is the sum of ``1 / deg``
+        of its sampled neighbours (its expected value in torch_sparse); it is drawn without
+        replacement with probability proportional to ``budget ** 2``.
+
+        Parameters
+        ----------
+        seeds : LongTensor, shape (B,)
+        num_samples : tuple of 2 int
+        generator : torch.Generator
+
+        Returns
+        -------
+        dict
+            `view`'s, with ``cells[:B] == seeds``.
+        """
+        # 1 / deg of every node; a node without edges adds to no budget (clamp avoids 1 / 0)
+        inv_cell = 1.0 / self.cell_degree.clamp(min=1)  # (N,)
+        inv_gene = 1.0 / self.gene_degree.clamp(min=1)  # (M,)
+        gene_budget = inv_cell[seeds] @ self.edges[seeds]  # (M,)
+        genes1 = _draw(gene_budget, num_samples[0], generator)
+        cell_budget = self.edges[:, genes1] @ inv_gene[genes1]  # (N,)
+        cell_budget[seeds] = 0.0  # already in the subgraph
+        gene_budget[genes1] = 0.0
+        cells2 = _draw(cell_budget, num_samples[1], generator)
+        genes2 = _draw(gene_budget, num_samples[1], generator)
+        return self.view(torch.cat([seeds, cells2]), torch.cat([genes1, genes2]), generator, max_neighbors)
+
+
+def mean_rows(edges):
+    """Row-normalized 0/1 adjacency (R, C): ``mean_rows(A) @ h`` is the mean over neighbours.
+
+    Rows without a neighbour stay 0 (PyG's mean of nothing); the clamp avoids 0 / 0.
+    """
+    return edges / edges.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def _draw(budget, k, generator):
+    """Up to ``k`` node ids without replacement, probability proportional to ``budget ** 2``."""
+    candidates = torch.nonzero(budget > 0).ravel()
+    if candidates.numel() <= k:
+        return candidates
+    return candidates[torch.multinomial(budget[candidates] ** 2, k, replacement=False, generator=generator)]
+
+
+def drop_columns(x, p, generator):
+    """``x`` (R, C) with each column zeroed with probability ``p`` (``src/transform.py``)."""
+    keep = torch.rand(x.shape[1], generator=generator) >= p  # (C,), drawn where the generator is
+    return x * keep.to(x.device, x.dtype)
+
+
+# ----------------------------------------------------------------------------- the torch module
+
+class SCGPCLModule(nn.Module):
+    """scGPCL's encoder, ZINB decoder and DEC cluster centres; knows nothing of AnnData.
+
+    Its buffer ``gene_states`` (M, H) holds the genes' layer-1 states on the full training graph
+    (set at the end of training; zeros before): `embed` joins any cells to that graph.
+
+    Parameters
+    ----------
+    n_genes : int
+        M: genes, and width of the cell features.
+    n_clusters : int
+        K.
+    layers : tuple of 2 int
+        Encoder widths (256, 64); the gene embedding has ``layers[-1]`` dimensions.
+    alpha : float
+        Student-t degrees of freedom of the soft assignment.
+    """
+
+    def __init__(self, n_genes, n_clusters, layers=(256, 64), alpha=1.0):
+        super().__init__()
+        hidden, latent = layers
+        self.alpha = alpha
+        self.gene_embedding = nn.Embedding(n_genes, latent)  # gene node features
+        # layer 1 (SAGEConv per edge type: lin_l on the neighbours' mean, with bias; lin_r on self)
+        self.cell_from_gene = nn.Linear(latent, hidden)  # genes -> cell, lin_l
+        self.cell_self = nn.Linear(n_genes, hidden, bias=False)  # lin_r
+        self.gene_from_cell = nn.Linear(n_genes, hidden)  # cells -> gene, lin_l
+        self.gene_self = nn.Linear(latent, hidden, bias=False)  # lin_r
+        self.cell_norm1, self.gene_norm1 = nn.BatchNorm1d(hidden), nn.BatchNorm1d(hidden)
+        # layer 2: only the cells' output is used
+        self.cell_from_gene2 = nn.Linear(hidden, latent)
+        self.cell_self2 = nn.Linear(hidden, latent, bias=False)
+        self.cell_norm2 = nn.BatchNorm1d(latent)
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.mean_head = nn.Linear(hidden, n_genes)
+        self.disp_head = nn.Linear(hidden, n_genes)
+        self.pi_head = nn.Linear(hidden, n_genes)
+        self.mu = nn.Parameter(torch.zeros(n_clusters, latent))  # DEC centres (set by k-means)
+        self.register_buffer("gene_states", torch.zeros(n_genes, hidden))
+
+    def encode(self, cell_x, gene_x, cell_from_gene, gene_from_cell):
+        """Cell representations (Nc, d) and the genes' layer-1 states (Mg, H) of a (sub)graph.
+
+        Parameters
+        ----------
+        cell_x : Tensor, shape (Nc, M)
+            Scaled expression of the subgraph's cells.
+        gene_x : Tensor, shape (Mg, d)
+            Gene embeddings of its genes.
+        cell_from_gene, gene_from_cell : Tensor, shapes (Nc, Mg), (Mg, Nc)
+            Mean-aggregation matrices (`CellGeneGraph.view`).
+        """
+        # one product of the wide cell features for both of their linear maps: (Nc, 2H)
+        xw = cell_x @ torch.cat([self.gene_from_cell.weight, self.cell_self.weight]).T
+        hidden = self.cell_self.out_features
+        # lin_l(mean of neighbours) = mean of lin_l without bias, plus the bias (also for no neighbour)
+        h_gene = gene_from_cell @ xw[:, :hidden] + self.gene_from_cell.bias + self.gene_self(gene_x)  # (Mg, H)
+        h_gene = self.gene_norm1(h_gene)
+        return self.encode_cells(xw[:, hidden:], gene_x, cell_from_gene, h_gene), h_gene
+
+    def encode_cells(self, cell_self, gene_x, cell_from_gene, gene_states):
+        """Cell representations (Nc, d) from the cells' own term and their genes' states.
+
+        Parameters
+        ----------
+        cell_self : Tensor, shape (Nc, H)
+            ``cell_self(cell_x)``: layer 1's map of the cells' own features.
+        gene_x : Tensor, shape (Mg, d)
+            Gene embeddings.
+        cell_from_gene : Tensor, shape (Nc, Mg)
+            Mean aggregation over each cell's genes.
+        gene_states : Tensor, shape (Mg, H)
+            The genes' layer-1 states (after batch norm).
+        """
+        h_cell = self.cell_norm1(self.cell_from_gene(cell_from_gene @ gene_x) + cell_self)  # (Nc, H)
+        z = (cell_from_gene @ (gene_states @ self.cell_from_gene2.weight.T) + self.cell_from_gene2.bias
+             + self.cell_self2(h_cell))  # (Nc, d)
+        return self.cell_norm2(z)
+
+    def embed(self, cell_x, counts):
+        """Representations (B, d) of cells joined to the training graph by their gene edges.
+
+        Layer 2 reads the genes' stored training-graph states (``gene_states``), so each cell's
+        representation depends on its own row alone.
+
+        Parameters
+        ----------
+        cell_x : Tensor, shape (B, M)
+            Scaled expression (`preprocess` with the training statistics).
+        counts : Tensor, shape (B, M)
+            Raw counts: an edge to every gene with a non-zero count.
+        """
+        return self.encode_cells(cell_x @ self.cell_self.weight.T, self.gene_embedding.weight,
+                                 mean_rows((counts > 0).float()), self.gene_states)
+
+    def decode(self, z, n_rows=None):
+        """ZINB mean, dispersion and dropout (each (n_rows, M)) of the first ``n_rows`` of z (Nc, d)."""
+        h = self.decoder(z)[:n_rows]  # batch norm over every row, heads for the seeds only
+        # the activations in float32 also under bf16 autocast
+        mean = torch.exp(self.mean_head(h).float().clamp(max=float(np.log(MEAN_MAX)))).clamp(min=MEAN_MIN)
+        disp = F.softplus(self.disp_head(h).float()).clamp(DISP_MIN, DISP_MAX)
+        return mean, disp, torch.sigmoid(self.pi_head(h).float())
+
+    def soft_assign(self, z):
+        """DEC's Student-t soft assignment q (B, K) of z (B, d) to the centres ``mu``."""
+        q = 1.0 / (1.0 + torch.cdist(z, self.mu).pow(2) / self.alpha)
+        q = q.pow((self.alpha + 1.0) / 2.0)
+        return q / q.sum(1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def instance_nce(rep1, rep2, tau):
+    """Instance InfoNCE between two views (the paper's L_Ins), scalar.
+
+    For anchor ``h_i`` of view 1, ``l_i = log e^{s(h_i, h'_i)/tau} / (sum_{j != i} e^{s(h_i, h_j)/tau}
+    + sum_j e^{s(h_i, h'_j)/tau})`` with cosine similarity s; symmetrically for view 2; the loss
+    is ``-mean`` over the 2B anchors.
+
+    Parameters
+    ----------
+    rep1, rep2 : Tensor, shape (B, d)
+        The two views of the same B cells, row for row.
+    tau : float
+    """
+    n = rep1.shape[0]
+    z = F.normalize(torch.cat([rep1, rep2]), dim=1)  # (2B, d)
+    logits = z @ z.T / tau  # (2B, 2B)
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # no self pair
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # the other view of the same cell
+    return F.cross_entropy(logits, target)
+
+
+def granularities(n_clusters, factors=(1, 1.5, 2)):
+    """Prototype counts K_t (``scGPCL.infer_num_proto``, three factors): strictly increasing."""
+    c1 = int(np.floor(n_clusters * factors[0]))
+    c2 = int(max(c1 + 1, n_clusters * factors[1]))
+    c3 = int(max(c2 + 1, np.ceil(n_clusters * factors[2])))
+    return [c1, c2, c3]
+
+
+def prototypes(rep, n_clusters, n_init, random_state):
+    """k-means clusters of ``rep`` (B, d) and their centroids (mean of the members, (K, d)), on rep's device."""
+    k = min(n_clusters, rep.shape[0])
+    labels = KMeans(k, n_init=n_init, random_state=random_state).fit_predict(rep.cpu().double().numpy())
+    labels = torch.as_tensor(np.unique(labels, return_inverse=True)[1].ravel(), device=rep.device)  # 0..K'-1
+    sums = torch.zeros(int(labels.max()) + 1, rep.shape[1], device=rep.device).index_add_(0, labels, rep)
+    return labels, sums / torch.bincount(labels)[:, None]
+
+
+def proto_nce(rep, assignments, centroids, tau):
+    """Prototypical InfoNCE (the paper's L_Pro), scalar.
+
+    ``-mean_i (1/T) sum_t log e^{s(h_i, c_t(i))/tau} / sum_j e^{s(h_i, c_tj)/tau}``: each cell
+    against the centroid of its cluster, at each granularity t, among all centroids.
+
+    Parameters
+    ----------
+    rep : Tensor, shape (B, d)
+    assignments : list of LongTensor (B,)
+        Cluster of every cell at each granularity.
+    centroids : list of Tensor (K_t, d)
+    tau : float
+    """
+    rep = F.normalize(rep, dim=1)
+    losses = [F.cross_entropy(rep @ F.normalize(c, dim=1).T / tau, a) for a, c in zip(assignments, centroids)]
+    return torch.stack(losses).mean()
+
+
+def target_distribution(q):
+    """DEC's sharpened target ``p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j)``, f_k = sum_i q_ik; (B, K)."""
+    p = q.pow(2) / q.sum(0)
+    return p / p.sum(1, keepdim=True)
+
+
+def dec_kl(p, q):
+    """``mean_i sum_k p_ik log(p_ik / (q_ik + eps))`` (``scGPCL.cluster_loss``), scalar."""
+    return (torch.special.xlogy(p, p) - p * torch.log(q + KL_EPS)).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------- the model
+
+class SCGPCL(Model):
+    """scGPCL (see the module docstring): graph contrastive pre-training, then DEC fine-tuning.
+
+    After `fit`: ``module_`` (`SCGPCLModule`, with the genes' training-graph states),
+    ``n_clusters_``, ``genes_`` (int64 (M',): columns of ``var_names_`` kept),
+    ``median_total_``, ``feature_mean_``, ``feature_scale_`` (the training cells' statistics of
+    `preprocess`: float, float64 (M',), (M',)), ``timings_`` (``pretrain_s``, ``finetune_s``,
+    ``pretrain_epochs``, ``finetune_epochs``).
+    """
+
+    Config = SCGPCLConfig
+    clusters = True
+    quick = {"epochs": 2, "warmup": 1, "fine_epochs": 1}  # compare.py --quick: a smoke run
+
+    def _build_module(self):
+        return SCGPCLModule(len(self.genes_), self.n_clusters_, self.config.layers, self.config.alpha)
+
+    def _fit(self, data, seed):
+        """Pre-train, then fine-tune on ``data`` (N cells x M genes, raw counts)."""
+        cfg = self.config
+        device = self.device_
+        bf16 = use_bf16(cfg.precision, device)
+        self.genes_ = select_genes(data.X, cfg.top_fraction, cfg.min_genes)
+        counts, sf, features, stats = preprocess(data.X[:, self.genes_])
+        self.median_total_, self.feature_mean_, self.feature_scale_ = (stats["median_total"], stats["mean"],
+                                                                       stats["scale"])
+        counts, sf, features = torch.from_numpy(counts), torch.from_numpy(sf), torch.from_numpy(features)
+        graph = CellGeneGraph(counts)
+        k = self.n_clusters_
+        module = self.module_ = self._build_module().to(device)
+        generator = torch.Generator().manual_seed(seed)
+        rng = np.random.RandomState(seed)
+        full = {key: value.to(device) for key, value in graph.view().items()}
+        full_features = features.to(device)
+        proto_counts = granularities(k, cfg.granularity)
+
+        @torch.no_grad()
+        def full_graph():
+            """Deterministic cell representations (N, d) and gene states (M, H) of the full graph."""
+            was_training = module.training
+            module.eval()
+            out = module.encode(full_features, module.gene_embedding.weight, full["cell_from_gene"],
+                                full["gene_from_cell"])
+            module.train(was_training)
+            return out
+
+        def forward(seeds, counts, sf):
+            """One training view of the seed cells: representations (B, d) and ZINB loss."""
+            v = graph.sample(seeds.cpu(), cfg.num_samples, generator, cfg.max_neighbors)
+            cell_x = drop_columns(features[v["cells"]], cfg.drop_feature, generator).to(device)
+            gene_x = drop_columns(module.gene_embedding.weight[v["genes"].to(device)], cfg.drop_feature, generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                z, _ = module.encode(cell_x, gene_x, v["cell_from_gene"].to(device), v["gene_from_cell"].to(device))
+                mean, disp, pi = module.decode(z, seeds.numel())
+            z = z[:seeds.numel()].float()
+            return z, zinb_loss(counts, mean, disp, pi, sf)
+
+        def pretrain_loss(module, batch, proto_weight):
+            rep1, recon1 = forward(*batch)
+            rep2, recon2 = forward(*batch)
+            recon = (recon1 + recon2) / 2
+            ins = instance_nce(rep1, rep2, cfg.tau)
+            loss, parts = recon + cfg.lam1 * ins, {"recon": recon.item(), "ins": ins.item()}
+            if proto_weight > 0:  # after the warm-up: view 1 against view 2's k-means centroids
+                fits = [prototypes(rep2.detach(), n, cfg.proto_n_init, rng.randint(2 ** 31)) for n in proto_counts]
+                proto = proto_nce(rep1, [a for a, _ in fits], [c for _, c in fits], cfg.tau)
+                loss, parts["proto"] = loss + proto_weight * proto, proto.item()
+            return loss, parts
+
+        previous = {}
+
+        def converged(epoch, row):
+            """After the warm-up: stop when two consecutive epochs' k-means agree at ARI > r."""
+            if epoch < cfg.warmup:
+                return False
+            km = KMeans(k, n_init=cfg.kmeans_n_init, random_state=seed)
+            labels = km.fit_predict(full_graph()[0].cpu().double().numpy())
+            stop = False
+            if "labels" in previous:
+                row["ari_previous"] = float(adjusted_rand_score(previous["labels"], labels))
+                stop = row["ari_previous"] > cfg.r
+            previous["labels"] = labels
+            return stop
+
+        per_cell = (torch.arange(graph.n_cells), counts, sf)  # minibatches: seed cells, their counts, size factors
+        start = time.perf_counter()
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        history = train(module, pretrain_loss, per_cell, optimizer, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, seed=seed, on_epoch=converged, desc="scgpcl pre-train",
+                        kl_weight=lambda epoch: cfg.lam2 if epoch >= cfg.warmup else 0.0)
+        pretrain_s = time.perf_counter() - start
+
+        # fine-tuning: DEC initialized by k-means
+        start = time.perf_counter()
+        z = full_graph()[0]
+        km = KMeans(k, n_init=cfg.kmeans_n_init, random_state=seed).fit(z.cpu().double().numpy())
+        with torch.no_grad():
+            module.mu.copy_(torch.as_tensor(km.cluster_centers_, dtype=torch.float32))
+        state = {}
+
+        def refresh(z):
+            with torch.no_grad():
+                q = module.soft_assign(z)
+            state["p"] = target_distribution(q)
+            labels = q.argmax(1)
+            changed = float((labels != state["labels"]).float().mean()) if "labels" in state else 1.0
+            state["labels"] = labels
+            return changed
+
+        refresh(z)
+
+        def finetune_loss(module, batch, weight):
+            rep, recon = forward(*batch)
+            kl = dec_kl(state["p"][batch[0]], module.soft_assign(rep))
+            return recon + cfg.lam3 * kl, {"recon": recon.item(), "cluster": kl.item()}
+
+        def labels_stable(epoch, row):
+            row["delta_label"] = refresh(full_graph()[0])
+            return row["delta_label"] < cfg.tol
+
+        optimizer = torch.optim.Adadelta(module.parameters(), lr=cfg.fine_lr, rho=cfg.fine_rho,
+                                         weight_decay=cfg.weight_decay)
+        fine = train(module, finetune_loss, per_cell, optimizer, epochs=cfg.fine_epochs,
+                     batch_size=cfg.batch_size, seed=seed + 1, on_epoch=labels_stable, desc="scgpcl fine-tune")
+        module.gene_states.copy_(full_graph()[1])  # what `embed` joins cells to
+        self.timings_ = {"pretrain_s": pretrain_s, "finetune_s": time.perf_counter() - start,
+                         "pretrain_epochs": len(history), "finetune_epochs": len(fine)}
+        self.history = ([{"phase": "pretrain", **row} for row in history]
+                        + [{"phase": "finetune", **row} for row in fine])
+
+    def _get_latent(self, data):
+        """Encoder output of every cell joined to the training graph (`SCGPCLModule.embed`), (N, d)."""
+        stats = {"median_total": self.median_total_, "mean": self.feature_mean_, "scale": self.feature_scale_}
+        counts, _, features, _ = preprocess(data.X[:, self.genes_], stats)
+        x = torch.from_numpy(np.stack([features, counts], axis=1))  # (N, 2, M'): moved to the device by rows
+        return predict(lambda rows: self.module_.embed(rows[:, 0], rows[:, 1]), x, device=self.device_)
+
+    def _predict(self, data):
+        """argmax of DEC's soft assignment of every cell to the learned centres, int64 (N,)."""
+        z = torch.from_numpy(self._get_latent(data))
+        return predict(self.module_.soft_assign, z, device=self.device_).argmax(1).astype(np.int64)

@@ -1,0 +1,173 @@
+"""The leaderboard's runs: a ``--models`` entry parsed into a model, and one (model, seed) run scored.
+
+    specs = parse_models(["pca,vae:likelihood=nb"])        # [(label, name, options), ...]
+    row, latent, model = run_one(*specs[0], adata, seed=0)  # scores of one fit
+
+Scores (`SCORES`): ``ari_louvain`` / ``nmi_louvain`` (the assignment's metric), ``ari_kmeans``
+/ ``nmi_kmeans`` (k-means, k = the number of labelled classes), ``ari_own`` / ``nmi_own`` (the
+model's own clusters), and with a batch ``knn_mixing`` / ``asw_batch``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import time
+import warnings
+from dataclasses import dataclass
+
+from cellembed.cli import Notice
+from cellembed.evaluation import N_NEIGHBORS, RESOLUTION
+
+SCORES = ("ari_louvain", "nmi_louvain", "ari_leiden", "nmi_leiden", "ari_kmeans", "nmi_kmeans", "ari_own", "nmi_own",
+          "knn_mixing", "asw_batch")
+SHOWN = ("ari_louvain", "ari_leiden", "ari_kmeans", "nmi_kmeans", "ari_own")  # a run's printed line and figure
+
+
+def parse_models(entries, quick=False):
+    """``--models`` entries as (label, registry name, options) triples, every setting checked.
+
+    Parameters
+    ----------
+    entries : list of str
+        Items separated by commas or given as separate words; each ``name`` or
+        ``name:field=value[:field=value...]`` (values as Python literals, else strings).
+    quick : bool
+        Check the settings over the models' smoke-run settings (``--quick``).
+
+    Returns
+    -------
+    list of (str, str, dict)
+
+    Raises
+    ------
+    ValueError
+        An unknown name, a malformed setting, a setting the model lacks or a value of the wrong
+        type (the message names it and the fix); raised before any data is read.
+    """
+    from cellembed.models import REGISTRY
+
+    specs = []
+    for item in (part for entry in entries for part in entry.split(",") if part):
+        name, *settings = item.split(":")
+        if name not in REGISTRY:
+            raise ValueError(f"argument --models: unknown model {name!r}; choose from {', '.join(REGISTRY)}")
+        options = {}
+        for setting in settings:
+            key, sep, text = setting.partition("=")
+            if not sep or not key.isidentifier():
+                raise ValueError(f"argument --models: {item!r}: settings are field=value, got {setting!r}")
+            try:
+                options[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                options[key] = text  # a word such as likelihood=nb
+        build(name, options, quick)  # a bad setting is one line now, before the data are read
+        specs.append((item, name, options))
+    if not specs:
+        raise ValueError("argument --models: no model given")
+    labels = [label for label, _, _ in specs]
+    if len(set(labels)) < len(labels):
+        raise ValueError("argument --models: a model is listed twice")
+    return specs
+
+
+def build(name, options, quick=False, device="auto"):
+    """A registered model with ``options`` set (over its ``quick`` settings with ``quick``).
+
+    Raises
+    ------
+    ValueError
+        A setting its config lacks or a value of the wrong type, as ``argument --models: ...``.
+    """
+    from cellembed.models import get_model
+
+    cls = get_model(name)
+    options = {**cls.quick, **options} if quick else options
+    extra = {"device": device} if cls.uses_torch else {}
+    try:
+        return cls(**options, **extra)
+    except ValueError as exc:
+        raise ValueError(f"argument --models: {name}: {exc}") from None
+
+
+def obsm_key(label):
+    """``X_<label>`` with the settings' punctuation as underscores (``vae:likelihood=nb`` -> ``X_vae_likelihood_nb``)."""
+    return "X_" + re.sub(r"[^0-9A-Za-z]+", "_", label).strip("_")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the leaderboard scores an embedding: the graph clustering (the assignment's by default)."""
+
+    cluster: str = "louvain"
+    n_neighbors: int = N_NEIGHBORS
+    resolution: float = RESOLUTION
+
+    def describe(self):
+        return f"{self.cluster.capitalize()} (resolution {self.resolution:g}, {self.n_neighbors} neighbours)"
+
+
+def run_one(label, name, options, adata, seed, quick=False, device="auto", n_clusters=None, scoring=Scoring()):
+    """Train one model for one seed on ``adata`` (a `load_dataset` AnnData) and score it.
+
+    Parameters
+    ----------
+    label, name, options :
+        One entry of `parse_models`.
+    adata : anndata.AnnData
+        Scored against ``obs['Celltype']`` when present; without labels nothing is scored.
+    seed : int
+    quick : bool
+        The model's smoke-run settings.
+    device : str
+    n_clusters : int, optional
+        K of models that cluster (default: the number of labelled classes).
+    scoring : Scoring
+
+    Returns
+    -------
+    row : dict
+        ``model``, ``seed``, ``supervised``, the scores (with labels), ``seconds`` (training and
+        embedding), and ``joint`` (a dict) for two-modality data.
+    latent : ndarray, shape (N, d)
+    model : cellembed.models.base.Model
+        The fitted model.
+    """
+    import numpy as np
+
+    from cellembed.data import BATCH_KEY, LABEL_KEY, MOD2_KEY
+    from cellembed.evaluation import metrics
+
+    model = build(name, options, quick, device)
+    labelled = LABEL_KEY in adata.obs
+    keys = {"labels_key": LABEL_KEY if labelled else None,
+            "batch_key": BATCH_KEY if BATCH_KEY in adata.obs else None}
+    t0 = time.perf_counter()
+    model.fit(adata, **keys, n_clusters=n_clusters if model.clusters else None, seed=seed)
+    latent = np.asarray(model.get_latent(adata), dtype=np.float64)
+    predicted = model.predict(adata) if model.clusters else None
+    seconds = time.perf_counter() - t0
+    row = {"model": label, "seed": seed, "supervised": bool(model.supervised)}
+    if labelled:
+        labels = adata.obs[LABEL_KEY].to_numpy()
+        row.update(metrics.clustering_scores(latent, labels, seed, scoring.cluster, scoring.n_neighbors,
+                                             scoring.resolution))
+        if row[f"n_{scoring.cluster}"] == 1:
+            warnings.warn(f"{label} seed {seed}: {scoring.describe()} found one cluster, so its ARI is 0; "
+                          "rank by ari_kmeans, or pass a higher --resolution", ScoringWarning, stacklevel=2)
+        if predicted is not None:
+            row.update(metrics.own_scores(predicted, labels))
+        if BATCH_KEY in adata.obs:
+            row.update(metrics.batch_scores(latent, adata.obs[BATCH_KEY].to_numpy(), labels))
+        if MOD2_KEY in adata.obsm:
+            from cellembed.evaluation.joint_metrics import joint_scores
+
+            row["joint"] = joint_scores(latent, adata, seed=seed)
+    row["seconds"] = seconds
+    if predicted is not None:
+        row["clusters"] = np.asarray(predicted)  # the model's own, for embeddings.h5ad (not a table column)
+    return row, latent, model
+
+
+class ScoringWarning(Notice):
+    """A score that says little (e.g. a graph clustering with one cluster)."""

@@ -1,0 +1,222 @@
+"""compare.py for a user's first hour: the demo run with no arguments, data without labels, the
+clustering options (as scanpy's), rows kept through Ctrl-C, --resume and merged reruns, counts in
+adata.raw and 10x folders with --labels, and Ctrl-C at any moment of either command."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.io
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
+
+import compare
+from cellembed.data import DataWarning
+from cellembed.datasets import demo_path
+from cellembed.evaluation.metrics import graph_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(argv, capsys):
+    try:
+        code = compare.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return anndata.read_h5ad(demo_path())
+
+
+def test_no_arguments_runs_the_demo_leaderboard(tmp_path):
+    """``python compare.py`` after set-up: pca, nmf_psn and vae, seed 0, on the bundled real cells."""
+    proc = subprocess.run([sys.executable, str(ROOT / "compare.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    board = pd.read_csv(tmp_path / "results" / "pbmc3k_demo" / "leaderboard.csv")
+    assert list(board["model"]) == ["pca", "nmf_psn", "vae"] and set(board["seed"]) == {0}
+    assert (board.loc[board["model"] == "pca", "ari_kmeans"] > 0.5).all()  # ~0.73: real structure
+    assert (tmp_path / "results" / "pbmc3k_demo" / "tsne.png").stat().st_size > 10_000
+
+
+def test_data_without_labels_gives_embeddings_and_clusters(demo, tmp_path, capsys):
+    unlabelled = demo.copy()
+    del unlabelled.obs["cell_type"]
+    path = tmp_path / "cells.h5ad"
+    unlabelled.write_h5ad(path)
+    with pytest.warns(DataWarning, match="no label column .*: embeddings and clusters without scores"):
+        code, out, err = run(["--data", path, "--models", "pca,gmvae:epochs=2", "--n-clusters", "5", "--seeds",
+                              "0", "--quick", "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    folder = tmp_path / "out" / "cells"
+    emb = anndata.read_h5ad(folder / "embeddings.h5ad")
+    assert emb.obsm["X_pca"].shape == (demo.n_obs, 16)
+    assert emb.obs["gmvae_epochs_2_clusters"].nunique() <= 5  # its own clusters, K = --n-clusters
+    assert emb.obs["pca_clusters"].nunique() >= 1  # PCA's Louvain clusters colour its panel
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert not {"ari_louvain", "ari_kmeans", "ari_own"} & set(board.columns)
+    assert (folder / "tsne.png").is_file() and "smoke run" in (folder / "leaderboard.md").read_text()
+    code, _, err = run(["--data", path, "--models", "gmvae", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "pass --n-clusters K" in err
+
+
+def test_leiden_and_the_resolution_partition_as_scanpy_does(demo):
+    z = sc.pp.pca(np.log1p(demo.X.toarray()), n_comps=10, random_state=0)
+    for cluster in ("louvain", "leiden"):
+        for resolution in (0.15, 1.0):
+            ours = graph_labels(z, seed=0, cluster=cluster, n_neighbors=15, resolution=resolution)
+            one = anndata.AnnData(obsm={"X_z": z})
+            sc.pp.neighbors(one, n_neighbors=15, use_rep="X_z")
+            if cluster == "louvain":
+                sc.tl.louvain(one, resolution=resolution, random_state=0)
+            else:
+                sc.tl.leiden(one, resolution=resolution, random_state=0, flavor="igraph", n_iterations=2,
+                             directed=False)
+            assert adjusted_rand_score(one.obs[cluster], ours) == 1.0, (cluster, resolution)
+    coarse = graph_labels(z, cluster="leiden", resolution=0.15)
+    fine = graph_labels(z, cluster="leiden", resolution=1.0)
+    assert np.unique(fine).size > np.unique(coarse).size  # the resolution moves the partition
+
+
+def test_compare_scores_the_partition_it_is_asked_for(demo, tmp_path, capsys):
+    code, _, err = run(["--data", demo_path(), "--models", "pca", "--seeds", "0", "--cluster", "leiden",
+                        "--resolution", "1.0", "--n-neighbors", "15", "--no-tsne", "--out", tmp_path], capsys)
+    assert code == 0, err
+    folder = tmp_path / "pbmc3k_demo"
+    row = pd.read_csv(folder / "leaderboard.csv").iloc[0]
+    z = anndata.read_h5ad(folder / "embeddings.h5ad").obsm["X_pca"]
+    one = anndata.AnnData(obsm={"X_z": z})
+    sc.pp.neighbors(one, n_neighbors=15, use_rep="X_z")
+    sc.tl.leiden(one, resolution=1.0, random_state=0, flavor="igraph", n_iterations=2, directed=False)
+    labels = anndata.read_h5ad(demo_path()).obs["cell_type"].astype(str)
+    assert row["ari_leiden"] == pytest.approx(adjusted_rand_score(labels, one.obs["leiden"]), abs=1e-12)
+    assert "ari_louvain" not in row.index and "Leiden (resolution 1" in (folder / "leaderboard.md").read_text()
+
+
+def test_one_cluster_is_a_warning_line(tmp_path, capsys):
+    argv = ["--data", demo_path(), "--models", "pca", "--seeds", "0", "--resolution", "0.001", "--no-tsne",
+            "--out", tmp_path]
+    proc = subprocess.run([sys.executable, "compare.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0
+    assert ("compare.py: warning: pca seed 0: Louvain (resolution 0.001, 30 neighbours) found one cluster, so its "
+            "ARI is 0; rank by ari_kmeans, or pass a higher --resolution\n") in proc.stderr
+
+
+def test_reruns_merge_and_resume_skips(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--data", demo_path(), "--seeds", "0", "1", "--no-tsne", "--out", out]
+    assert run([*base, "--models", "pca,nmf_sse:niter=3"], capsys)[0] == 0
+    board = pd.read_csv(out / "pbmc3k_demo" / "leaderboard.csv")
+    code, out_text, _ = run([*base, "--models", "pca,nmf_psn:niter=3", "--resume"], capsys)
+    assert code == 0 and "pca seed 0: in leaderboard.csv already (--resume)" in out_text
+    merged = pd.read_csv(out / "pbmc3k_demo" / "leaderboard.csv")
+    assert sorted(set(merged["model"])) == ["nmf_psn:niter=3", "nmf_sse:niter=3", "pca"] and len(merged) == 6
+    pd.testing.assert_frame_equal(merged[merged["model"] == "pca"].reset_index(drop=True),
+                                  board[board["model"] == "pca"].reset_index(drop=True))  # skipped: kept as it was
+    emb = anndata.read_h5ad(out / "pbmc3k_demo" / "embeddings.h5ad")
+    assert set(emb.obsm) == {"X_pca", "X_nmf_sse_niter_3", "X_nmf_psn_niter_3"}
+    assert run([*base, "--models", "pca"], capsys)[0] == 0  # without --resume: the same rows replaced
+    again = pd.read_csv(out / "pbmc3k_demo" / "leaderboard.csv")
+    assert len(again) == 6 and list(again["model"][-2:]) == ["pca", "pca"]
+
+
+def test_counts_in_adata_raw_and_a_10x_folder_with_labels(demo, tmp_path, capsys):
+    lognorm = demo.copy()
+    lognorm.raw = demo.copy()
+    sc.pp.normalize_total(lognorm)
+    sc.pp.log1p(lognorm)
+    path = tmp_path / "raw.h5ad"
+    lognorm.write_h5ad(path)
+    code, _, err = run(["--data", path, "--models", "pca", "--seeds", "0", "--no-tsne", "--out", tmp_path], capsys)
+    assert code == 2 and "not raw counts; pass --layer raw to read adata.raw" in err
+    code, _, err = run(["--data", path, "--layer", "raw", "--models", "pca", "--seeds", "0", "--no-tsne",
+                        "--out", tmp_path], capsys)
+    assert code == 0, err
+    from_raw = pd.read_csv(tmp_path / "raw" / "leaderboard.csv")
+
+    folder = tmp_path / "filtered_feature_bc_matrix"
+    folder.mkdir()
+    scipy.io.mmwrite(folder / "matrix.mtx", sp.csr_matrix(demo.X.T.astype(np.int64)))  # genes x cells, as 10x
+    pd.DataFrame({"id": [f"ENSG{i:05d}" for i in range(demo.n_vars)], "name": demo.var_names,
+                  "kind": "Gene Expression"}).to_csv(folder / "features.tsv", sep="\t", header=False, index=False)
+    pd.Series(demo.obs_names).to_csv(folder / "barcodes.tsv", header=False, index=False)
+    for name in ("matrix.mtx", "features.tsv", "barcodes.tsv"):
+        subprocess.run(["gzip", str(folder / name)], check=True)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"cell": demo.obs_names, "type": demo.obs["cell_type"].astype(str)}).to_csv(labels, index=False)
+    code, _, err = run(["--data", folder, "--labels", labels, "--models", "pca", "--seeds", "0", "--no-tsne",
+                        "--out", tmp_path], capsys)
+    assert code == 0, err
+    from_10x = pd.read_csv(tmp_path / "filtered_feature_bc_matrix" / "leaderboard.csv")
+    scores = ["ari_louvain", "ari_kmeans", "nmi_kmeans"]
+    np.testing.assert_allclose(from_10x[scores].to_numpy(), from_raw[scores].to_numpy(), atol=1e-6)
+
+
+def test_a_bad_setting_is_one_line_before_the_data_are_read(tmp_path, capsys):
+    code, _, err = run(["--data", tmp_path / "missing.h5ad", "--models", "vae:epochs=abc"], capsys)
+    assert code == 2
+    assert err.strip() == ("compare.py: error: argument --models: vae: VAE: epochs='abc' must be a whole number "
+                           "(see --help)")
+
+
+def test_help_lists_the_models():
+    proc = subprocess.run([sys.executable, "compare.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "models: pca, nmf_sse, nmf_psn, etm, scetm" in " ".join(proc.stdout.split())
+
+
+def interrupt(argv, wait_for, cwd, timeout=300):
+    """Start a command, send SIGINT once ``wait_for`` appears in its output (stdout and stderr
+    together; None: at once), and return (exit code, output, seconds from SIGINT to exit)."""
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    output = ""
+    deadline = time.monotonic() + timeout
+    if wait_for is not None:
+        while wait_for not in output:
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, f"{wait_for!r} never came:\n{output}"
+            output += line
+    else:
+        time.sleep(1.0)  # in the middle of the imports
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    return proc.returncode, output + rest, time.monotonic() - sent
+
+
+def test_ctrl_c_keeps_the_finished_runs_and_resume_skips_them(tmp_path):
+    argv = [ROOT / "compare.py", "--data", demo_path(), "--models", "pca,vae:epochs=100000", "--seeds", "0",
+            "--no-tsne", "--out", tmp_path / "out"]
+    code, output, seconds = interrupt(argv, "pca seed 0:", tmp_path)
+    assert code == 130 and seconds < 10, (code, seconds, output)
+    assert "interrupted after 1 finished run(s); their rows are in" in output and "Traceback" not in output
+    board = pd.read_csv(tmp_path / "out" / "pbmc3k_demo" / "leaderboard.csv")
+    assert list(board["model"]) == ["pca"]
+    assert not list((tmp_path / "out" / "pbmc3k_demo").glob(".*.tmp"))  # no half-written file
+    code, output, _ = interrupt([ROOT / "compare.py", *argv[1:], "--resume"], "in leaderboard.csv already",
+                                tmp_path)
+    assert code == 130 and "pca seed 0: in leaderboard.csv already (--resume)" in output
+
+
+@pytest.mark.parametrize("moment", [None, "NMF-SSE"])
+def test_ctrl_c_ends_the_assignment_within_seconds(real_data_dir, tmp_path, moment):
+    """While torch and scanpy import, and while training runs beside the scoring workers."""
+    argv = [ROOT / "comp565_A4.py", "--data-dir", real_data_dir, "--figures-dir", tmp_path / "f", "--jobs", "2",
+            "--niter-nmf", "100000"]
+    code, output, seconds = interrupt(argv, moment, tmp_path)
+    assert code == 130 and seconds < 10, (code, seconds, output)
+    assert "Traceback" not in output and "interrupted" in output.splitlines()[-1]
