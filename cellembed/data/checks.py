@@ -83,6 +83,37 @@ def checked_counts(matrix, path, where, cells, features, fix):
     return X.astype(np.float32)
 
 
+def second_modality(matrix, path, where, cells, features, fix, normalized=None):
+    """A second modality (N, M2) as a dense float32 array, and whether it is already normalized.
+
+    Parameters
+    ----------
+    normalized : bool, optional
+        True (``--mod2-normalized``): the values are taken as they are (finite numbers needed).
+        None: raw counts, unless they are not (negative or non-integer values, as the CLR-normalized
+        protein counts of public CITE-seq files): then read as normalized, with a `DataWarning`.
+        False: raw counts required (`checked_counts`).
+
+    Returns
+    -------
+    values : ndarray, shape (N, M2), float32
+    normalized : bool
+    """
+    if normalized is False:
+        return checked_counts(matrix, path, where, cells, features, fix).toarray(), False
+    dense = np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix)
+    if dense.dtype.kind not in "biuf" or not np.isfinite(dense).all():
+        what = "values that are not numbers" if dense.dtype.kind not in "biuf" else "NaN or infinite values"
+        raise DataError(f"{path}: {where} holds {what}; the second modality needs finite numbers")
+    if normalized is None:
+        _, problem = count_problem(pd.DataFrame({"value": dense.ravel()}))
+        if problem is None:
+            return dense.astype(np.float32), False
+        warnings.warn(f"{path}: {where} holds {'negative' if problem[0] == 'negative' else 'non-integer'} values "
+                      "(e.g. CLR-normalized protein counts): read as already normalized, its normalization skipped "
+                      "(the RNA counts stay raw)", DataWarning, stacklevel=3)
+    return dense.astype(np.float32), True
+
 
 def drop_empty(adata, path, fix="the assignment needs the raw UMI counts: re-copy it from the course's data folder"):
     """Drop cells and genes without a single count (a cell's normalized profile would be 0/0).

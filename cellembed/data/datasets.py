@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from cellembed.data.checks import COUNTS_LAYER, LABEL_KEYS, DataError, DataWarning, checked_counts, few
+from cellembed.data.checks import (COUNTS_LAYER, LABEL_KEYS, DataError, DataWarning, checked_counts, few,
+                                   second_modality)
 from cellembed.data.course import COURSE_FILES, load_course_data
 from cellembed.data.validate import (MOD2_KEY, RAW_LAYER, Flags, batch_column, counts_matrix, finish,
                                      label_column)
@@ -72,7 +73,8 @@ def default_data_root():
     return Path(os.environ.get(DATA_ROOT_ENV) or "data")
 
 
-def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=None, labels=None):
+def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=None, labels=None,
+                 mod2_normalized=None):
     """Load a data set by name or by path as raw counts with labels (and batch) under fixed keys.
 
     Parameters
@@ -98,6 +100,11 @@ def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=Non
     labels : str or Path, optional
         A CSV of cell id (first column) and label (second column), e.g. for 10x files, which
         hold none; it replaces any label column of the file.
+    mod2_normalized : bool, optional
+        The second modality is already normalized (True: ``--mod2-normalized``), or must be raw
+        counts (False); None: detected (negative or non-integer values, e.g. the CLR-normalized
+        proteins of public CITE-seq files, are read as normalized, with a `DataWarning`). The
+        RNA counts must be raw either way.
 
     Returns
     -------
@@ -110,7 +117,8 @@ def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=Non
         chosen is replaced); for two modalities, the second's obs columns that the first lacks are
         added. ``var``: the file's (``"gene0"``.. for ``.h5`` files, which store no names).
         Multimodal data: ``obsm["mod2"]`` (N, M2) float32 ndarray of the second modality's raw
-        counts, and ``uns["mod2"] = {"modality": "ADT" or "ATAC", "features": M2 names, "path"}``.
+        counts (or normalized values), and ``uns["mod2"] = {"modality": "ADT" or "ATAC",
+        "features": M2 names, "path", "normalized": bool}``.
         ``uns["dataset"] = {"name": the name or the file's stem, "path": the file or folder read}``.
         Cells without a label are dropped with a `DataWarning`, then cells and genes without a
         single count (`_drop_empty`); the second modality's features are kept as they are.
@@ -125,16 +133,17 @@ def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=Non
     """
     if isinstance(data, str) and data in DATASETS:
         root = Path(data_root) if data_root is not None else default_data_root()
-        return _load_named(data, root, label_key, batch_key, layer, labels)
+        return _load_named(data, root, label_key, batch_key, layer, labels, mod2_normalized)
     path = Path(data)
     if not path.exists() and not path.suffix and len(path.parts) == 1:
         raise DataError(f"unknown data set {str(data)!r}; the names are {', '.join(DATASETS)}, and a path to an "
                         ".h5ad, .h5 (scDeepCluster X/Y or Cell Ranger) or .h5mu file, a 10x mtx folder, or the "
                         "course's data folder, also works")
-    return _load_path(path, path.name if path.is_dir() else path.stem, label_key, batch_key, layer, labels=labels)
+    return _load_path(path, path.name if path.is_dir() else path.stem, label_key, batch_key, layer, labels=labels,
+                      mod2_normalized=mod2_normalized)
 
 
-def _load_named(name, root, label_key, batch_key, layer, labels=None):
+def _load_named(name, root, label_key, batch_key, layer, labels=None, mod2_normalized=None):
     spec = DATASETS[name]
     folder = root / spec.folder
     if not folder.is_dir():
@@ -145,10 +154,12 @@ def _load_named(name, root, label_key, batch_key, layer, labels=None):
     if spec.file is None:
         return _load_path(folder, name, label_key, batch_key, layer, labels=labels)
     return _load_path(folder / spec.file, name, label_key or spec.label_key, batch_key or spec.batch_key,
-                      layer or spec.layer, None if spec.mod2 is None else folder / spec.mod2, spec.modality, labels)
+                      layer or spec.layer, None if spec.mod2 is None else folder / spec.mod2, spec.modality, labels,
+                      mod2_normalized)
 
 
-def _load_path(path, name, label_key, batch_key, layer, mod2_path=None, modality=None, labels=None):
+def _load_path(path, name, label_key, batch_key, layer, mod2_path=None, modality=None, labels=None,
+               mod2_normalized=None):
     if path.is_dir() and _is_10x_mtx(path):
         adata = _from_anndata(_read_10x(path), path, label_key, batch_key, layer, labels=labels)
     elif path.is_dir():
@@ -162,15 +173,16 @@ def _load_path(path, name, label_key, batch_key, layer, mod2_path=None, modality
         mod2 = None
         if mod2_path is not None:
             mod2 = (_read_h5ad(mod2_path), modality, mod2_path, ("rna", modality.lower()))
-        adata = _from_anndata(_read_h5ad(path), path, label_key, batch_key, layer, mod2, labels=labels)
+        adata = _from_anndata(_read_h5ad(path), path, label_key, batch_key, layer, mod2, labels=labels,
+                              mod2_normalized=mod2_normalized)
     elif path.suffix == ".h5mu":
-        adata = _from_h5mu(path, label_key, batch_key, layer, labels)
+        adata = _from_h5mu(path, label_key, batch_key, layer, labels, mod2_normalized)
     elif path.suffix == ".h5" and _is_cell_ranger_h5(path):
         adata = _from_anndata(_read_10x(path), path, label_key, batch_key, layer, labels=labels)
     elif path.suffix == ".h5":
         _reject_flags(path, "an scDeepCluster .h5 file (labels in Y, counts in X)",
                       label_key=label_key, batch_key=batch_key, layer=layer, labels=labels)
-        adata = _from_h5(path)
+        adata = _from_h5(path, mod2_normalized)
     else:
         raise DataError(f"{path}: unknown file suffix {path.suffix!r}; pass an .h5ad, .h5 (scDeepCluster X/Y or "
                         "Cell Ranger) or .h5mu file, a 10x mtx folder, or the course's data folder")
@@ -247,7 +259,7 @@ def _read_h5ad(path):
         raise DataError(f"{path}: not a readable .h5ad ({_why(exc)}); re-copy or re-write the file") from None
 
 
-def _from_h5mu(path, label_key, batch_key, layer, labels=None):
+def _from_h5mu(path, label_key, batch_key, layer, labels=None, mod2_normalized=None):
     """The rna modality (else the first) of a MuData file, with at most one more as mod2."""
     import mudata  # only .h5mu files need it
 
@@ -272,7 +284,8 @@ def _from_h5mu(path, label_key, batch_key, layer, labels=None):
         other = others[0]
         mod2 = (mdata.mod[other], _modality(other, path), f"{path} (modality {other!r})", (first, other))
     rna = mdata.mod[first]
-    return _from_anndata(rna, path, label_key, batch_key, layer, mod2, shared.reindex(rna.obs_names), labels)
+    return _from_anndata(rna, path, label_key, batch_key, layer, mod2, shared.reindex(rna.obs_names), labels,
+                         mod2_normalized)
 
 
 def _modality(name, path):
@@ -284,7 +297,8 @@ def _modality(name, path):
     return kind
 
 
-def _from_anndata(rna, path, label_key, batch_key, layer, mod2=None, extra_obs=None, labels=None):
+def _from_anndata(rna, path, label_key, batch_key, layer, mod2=None, extra_obs=None, labels=None,
+                  mod2_normalized=None):
     """Counts, obs and var of ``rna`` (N, M), plus ``mod2 = (AnnData, kind, path, names)``.
 
     ``extra_obs``: obs columns (rows in ``rna`` order) added where ``rna.obs`` lacks them;
@@ -297,9 +311,16 @@ def _from_anndata(rna, path, label_key, batch_key, layer, mod2=None, extra_obs=N
     if mod2 is not None:
         other, kind, other_path, names = mod2
         other = _same_cells(adata.obs_names, other, names, path)
-        adata.obsm[MOD2_KEY] = counts_matrix(other, None if layer == RAW_LAYER else layer, other_path)[0].toarray()
+        layer2 = None if layer == RAW_LAYER else layer
+        if layer2 is not None and layer2 not in other.layers:
+            raise DataError(f"{other_path}: no layer {layer2!r} for --layer (layers: {few(other.layers, 8) or 'none'})")
+        values = other.X if layer2 is None else other.layers[layer2]
+        where = "X" if layer2 is None else f"layers[{layer2!r}]"
+        adata.obsm[MOD2_KEY], normalized = second_modality(
+            values, other_path, where, other.obs_names, other.var_names,
+            "the second modality needs raw counts, or pass --mod2-normalized", mod2_normalized)
         adata.uns[MOD2_KEY] = {"modality": kind, "features": [str(f) for f in other.var_names],
-                               "path": str(other_path)}
+                               "path": str(other_path), "normalized": normalized}
         _add_obs(adata, other.obs)
     if labels is not None:
         if label_key is not None:
@@ -337,7 +358,7 @@ def _same_cells(cells, other, names, path):
                     "both must hold the same cells")
 
 
-def _from_h5(path):
+def _from_h5(path, mod2_normalized=None):
     """An scDeepCluster .h5: ``X`` (N, M) counts, ``Y`` (N,) labels, optional ``ADT_X`` (N, P)."""
     try:
         with h5py.File(path, "r") as f:
@@ -374,8 +395,10 @@ def _from_h5(path):
             raise DataError(f"{path}: the rna and adt modalities hold different cells (X has {n} cells, ADT_X is "
                             f"{' x '.join(map(str, np.shape(adt)))}); ADT_X needs one row per cell of X")
         proteins = pd.Index([f"adt{j}" for j in range(oriented.shape[1])])
-        adata.obsm[MOD2_KEY] = checked_counts(oriented, path, "ADT_X", cells, proteins, fix).toarray()  # (N, P)
-        adata.uns[MOD2_KEY] = {"modality": "ADT", "features": list(proteins), "path": str(path)}
+        adata.obsm[MOD2_KEY], normalized = second_modality(oriented, path, "ADT_X", cells, proteins,
+                                                           fix + ", or pass --mod2-normalized", mod2_normalized)
+        adata.uns[MOD2_KEY] = {"modality": "ADT", "features": list(proteins), "path": str(path),
+                               "normalized": normalized}
     return finish(adata, path, "Y", None, Flags(labels="Y"))
 
 

@@ -141,6 +141,19 @@ def two_modalities(data, model, n_mod2=None):
     return data.X, mod2
 
 
+def normalized_blocks(data, model, target_sum, n_mod2=None):
+    """Both modalities `log10_normalize`-d, (N, M) and (N, M2), from a checked AnnData.
+
+    A second modality that came already normalized (``uns['mod2']['normalized']``: e.g. the
+    CLR-normalized proteins of public CITE-seq files, see `cellembed.data.load_dataset`) is
+    taken as it is; the RNA counts are always normalized here.
+    """
+    rna, mod2 = two_modalities(data, model, n_mod2)
+    done = bool(data.uns.get(MOD2_KEY, {}).get("normalized", False))
+    return (log10_normalize(rna, target_sum),
+            np.asarray(mod2, dtype=np.float32) if done else log10_normalize(mod2, target_sum))
+
+
 def modality(data):
     """``"ADT"`` or ``"ATAC"`` (``uns['mod2']['modality']``; ADT when not stated)."""
     return str(data.uns.get(MOD2_KEY, {}).get("modality", "ADT")).upper()
@@ -301,9 +314,8 @@ class JAE(Model):
 
     def _fit(self, data, seed):
         cfg = self.config
-        rna, mod2 = two_modalities(data, "JAE")
+        rna, mod2 = normalized_blocks(data, "JAE", cfg.target_sum)
         self.n_mod2_ = int(mod2.shape[1])
-        rna, mod2 = log10_normalize(rna, cfg.target_sum), log10_normalize(mod2, cfg.target_sum)
         self.svd_rna_loadings_ = svd_loadings(rna, cfg.n_components, cfg.svd_seed)
         self.svd_mod2_loadings_ = svd_loadings(mod2, cfg.n_components, cfg.svd_seed) if modality(data) != "ADT" \
             else None
@@ -339,10 +351,8 @@ class JAE(Model):
 
     def _get_latent(self, data):
         """The encoder's ReLU latent of the cells, (N, d): the `slices_` side by side."""
-        rna, mod2 = two_modalities(data, "JAE", self.n_mod2_)
-        target_sum = self.config.target_sum
-        x = joint_features(log10_normalize(rna, target_sum), log10_normalize(mod2, target_sum),
-                           self.svd_rna_loadings_, self.svd_mod2_loadings_)  # (N, D)
+        rna, mod2 = normalized_blocks(data, "JAE", self.config.target_sum, self.n_mod2_)
+        x = joint_features(rna, mod2, self.svd_rna_loadings_, self.svd_mod2_loadings_)  # (N, D)
         self.module_.eval()
         return predict(self.module_.encode, torch.from_numpy(x), device=self.device_)
 
@@ -367,8 +377,8 @@ class PCAJoint(Model):
     uses_torch = False
 
     def _blocks(self, data, n_mod2=None):
-        """Both modalities' `log10_normalize` (N, M) and (N, M2)."""
-        return [log10_normalize(X, self.config.target_sum) for X in two_modalities(data, "PCAJoint", n_mod2)]
+        """Both modalities normalized (`normalized_blocks`), (N, M) and (N, M2)."""
+        return normalized_blocks(data, "PCAJoint", self.config.target_sum, n_mod2)
 
     def _selected(self, rna, mod2):
         """The kept features of both blocks side by side, (N, D)."""
