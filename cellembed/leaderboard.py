@@ -24,11 +24,18 @@ again replaced), ``leaderboard.md`` (mean +- sd, best first), ``leaderboard.png`
 ``classification.csv|md`` and ``confusion.png``. Data without labels get embeddings, clusters
 and a t-SNE coloured by each model's clusters, and no scores.
 
-Standard library only at import: ``--help`` and a bad flag answer before torch and scanpy load.
+The runs are independent jobs: ``--workers N`` runs them N at a time on a Dask ``LocalCluster``,
+``--scheduler ADDRESS`` on any running Dask cluster (`cellembed.runner.run_on_dask`); the rows
+are written as runs finish, in the serial loop's order, with the same numbers as a serial run
+whose ``--threads`` is each run's thread count (torch's CPU sums depend on it).
+
+Standard library only at import: ``--help`` and a bad flag answer before torch and scanpy load;
+Dask is imported only with ``--workers`` or ``--scheduler``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -58,6 +65,10 @@ def parse_args(argv=None):
     parser.add_argument("--label-key", default=None, help="obs column of the cell types in a .h5ad file "
                         "(default: the first of cell_type, celltype, Celltype, assigned_cluster, labels, label; "
                         "none: no scores)")
+    parser.add_argument("--mod2-normalized", action="store_true", default=None,
+                        help="the second modality (e.g. CITE-seq proteins) is already normalized (CLR): skip its "
+                             "normalization; the RNA counts stay raw (default: detected from negative or "
+                             "non-integer values)")
     parser.add_argument("--labels", default=None, metavar="CSV",
                         help="cell id, label per line: the labels of a file without them (e.g. 10x)")
     parser.add_argument("--batch-key", default=None, help="obs column of the batch in a .h5ad file "
@@ -97,7 +108,16 @@ def parse_args(argv=None):
                              "300 cells; the leaderboard says so")
     parser.add_argument("--no-tsne", action="store_true", help="skip tsne.png")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
-                        help="threads for training and scoring (default: all cores)")
+                        help="threads for training and scoring (default: all cores); with --workers N, split "
+                             "among the workers (--threads // N each, default 1); with --scheduler, each run's "
+                             "(default 1)")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=cli.positive_int, default=None, metavar="N",
+                         help="run the (model, seed) runs N at a time on a local Dask cluster of N processes "
+                              "(default: one after another in this process)")
+    cluster.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                         help="run them on the running Dask scheduler at ADDRESS, e.g. tcp://node01:8786 (a "
+                              "dask-jobqueue SLURMCluster's scheduler_address)")
     args = parser.parse_args(argv)
     args.demo = args.data is None
     args.seeds = args.seeds if args.seeds is not None else [0] if args.demo else [0, 1, 2]
@@ -105,6 +125,9 @@ def parse_args(argv=None):
     args.rank_by = args.rank_by or f"ari_{args.cluster}"
     if len(set(args.seeds)) < len(args.seeds):
         parser.error("argument --seeds: a seed is listed twice")
+    if args.workers and args.threads and args.threads < args.workers:
+        parser.error(f"argument --threads: {args.threads} for {args.workers} workers; give each at least one "
+                     f"(--threads {args.workers} or more), or leave --threads out")
     try:
         args.specs = parse_models(args.models, quick=args.quick)
     except ValueError as exc:
@@ -129,9 +152,22 @@ def command():
 
 
 def _run(args):
+    from cellembed.runner import ClusterError, dask_client
+
+    try:  # the cluster first: a scheduler that does not answer is one line before the data are read
+        with dask_client(args.workers, args.scheduler) if args.workers or args.scheduler else \
+                contextlib.nullcontext() as client:
+            return _compare(args, client)  # catches its own errors, ClusterError of a run included
+    except ModuleNotFoundError as exc:  # the virtual environment is not active (distributed missing)
+        sys.stderr.write(cli.missing_dependency(exc, PROG) + "\n")
+        return 2
+    except ClusterError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+
+
+def _compare(args, client):
     try:
-        import numpy as np
-        import pandas as pd
         import torch
         from threadpoolctl import threadpool_limits
         from tqdm.auto import tqdm
@@ -140,7 +176,7 @@ def _run(args):
         from cellembed.evaluation.scoring import available_cores
         from cellembed.models import get_model
         from cellembed.outputs import prepare_dir
-        from cellembed.runner import SHOWN, Scoring, obsm_key, run_one
+        from cellembed.runner import SHOWN, ClusterError, Scoring, obsm_key, run_on_dask, run_one
     except ModuleNotFoundError as exc:  # the virtual environment is not active
         sys.stderr.write(cli.missing_dependency(exc, PROG) + "\n")
         return 2
@@ -159,7 +195,7 @@ def _run(args):
         else:
             data = args.data
         adata = load_dataset(data, data_root=args.data_root, label_key=args.label_key, batch_key=args.batch_key,
-                             layer=args.layer, labels=args.labels)
+                             layer=args.layer, labels=args.labels, mod2_normalized=args.mod2_normalized)
         labelled = LABEL_KEY in adata.obs
         need_labels = [label for label, name, _ in args.specs if get_model(name).supervised]
         if not labelled and need_labels:
@@ -185,47 +221,71 @@ def _run(args):
     except OSError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
-    board = Board(out_dir, adata, title, args.rank_by)
+    plan = [(label, seed) for label, _, _ in args.specs for seed in args.seeds]  # the serial loop's order
+    board = Board(out_dir, adata, title, args.rank_by, order=plan)
     first = args.seeds[0]
+    settings = dict(quick=args.quick, device=args.device, n_clusters=args.n_clusters, scoring=scoring)
     latents, done = {}, 0
     try:
-        for label, model_name, options in args.specs:
-            for seed in args.seeds:
-                if args.resume and board.has(label, seed):
-                    tqdm.write(f"{label} seed {seed}: in {LEADERBOARD} already (--resume)")
-                    continue
-                row, latent, model = run_one(label, model_name, options, adata, seed, args.quick, args.device,
-                                             args.n_clusters, scoring)
-                latents.setdefault(label, {})[seed] = latent
-                clusters = row.pop("clusters", None)
-                if seed == first:
-                    if not labelled:  # the t-SNE's colours: the model's own clusters, else its graph's
-                        from cellembed.evaluation.metrics import graph_labels
+        jobs = _jobs(args, board, tqdm.write)
+        if client is None:
+            finished = ((label, seed, *run_one(label, model_name, options, adata, seed, **settings))
+                        for label, model_name, options, seed in jobs)
+        else:
+            jobs = list(jobs)
+            each = max(1, (args.threads or 1) // (args.workers or 1))  # --threads split among local workers
+            tqdm.write(f"{len(jobs)} runs on {_describe(client, args)}, {each} thread(s) each")
+            finished = run_on_dask(client, jobs, adata, threads=each, save_seed=first if args.save_models else None,
+                                   **settings)
+        for label, seed, row, latent, model in finished:  # in the order they finish
+            latents.setdefault(label, {})[seed] = latent
+            clusters = row.pop("clusters", None)
+            if seed == first:
+                if not labelled:  # the t-SNE's colours: the model's own clusters, else its graph's
+                    from cellembed.evaluation.metrics import graph_labels
 
-                        clusters = clusters if clusters is not None else graph_labels(
-                            latent, seed, scoring.cluster, scoring.n_neighbors, scoring.resolution)
-                    board.add_embedding(obsm_key(label), latent, clusters)
-                    if args.save_models:
-                        model.save(out_dir / "models" / obsm_key(label)[2:], overwrite=True)
-                board.add_row(row)
-                done += 1
-                shown = " ".join(f"{k} {row[k]:.3f}" for k in SHOWN if k in row)
-                tqdm.write(f"{label} seed {seed}: {shown} ({row['seconds']:.1f} s)".replace(":  (", ": ("))
+                    clusters = clusters if clusters is not None else graph_labels(
+                        latent, seed, scoring.cluster, scoring.n_neighbors, scoring.resolution)
+                board.add_embedding(obsm_key(label), latent, clusters)
+                if args.save_models:
+                    model.save(out_dir / "models" / obsm_key(label)[2:], overwrite=True)
+            board.add_row(row)
+            done += 1
+            shown = " ".join(f"{k} {row[k]:.3f}" for k in SHOWN if k in row)
+            tqdm.write(f"{label} seed {seed}: {shown} ({row['seconds']:.1f} s)".replace(":  (", ": ("))
         board.finish(tsne=not args.no_tsne, seed=first, max_cells=300 if args.quick else None)
         if args.classify and latents:
             from cellembed.evaluation.classify import classification_study
 
+            latents = {label: latents[label] for label, _, _ in args.specs if label in latents}  # --models' order
             classification_study(adata, latents, args.seeds, out_dir)
     except KeyboardInterrupt:
         cli.report_interrupt(f"\n{PROG}: interrupted after {done} finished run(s); their rows are in "
                              f"{out_dir / LEADERBOARD}")
         return 130
-    except (FloatingPointError, RuntimeError, ValueError, OSError, DataError) as exc:
+    except (FloatingPointError, RuntimeError, ValueError, OSError, DataError, ClusterError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 1
     print(board.text)
     print(f"outputs in {out_dir}/")
     return 0
+
+
+def _jobs(args, board, write):
+    """The (label, registry name, options, seed) runs in the serial loop's order (model, then seed),
+    with ``--resume`` those in the leaderboard already skipped (and said so, as the loop reaches them)."""
+    for label, model_name, options in args.specs:
+        for seed in args.seeds:
+            if args.resume and board.has(label, seed):
+                write(f"{label} seed {seed}: in {LEADERBOARD} already (--resume)")
+                continue
+            yield label, model_name, options, seed
+
+
+def _describe(client, args):
+    if args.workers:
+        return f"a local Dask cluster of {args.workers} worker processes"
+    return f"the Dask scheduler at {args.scheduler} ({len(client.scheduler_info()['workers'])} workers now)"
 
 
 class Board:
@@ -239,15 +299,20 @@ class Board:
         The data set (labels, batch, cell names).
     title : str
     rank_by : str
+    order : list of (str, int)
+        This call's (model, seed) runs in the serial loop's order: the rows of those that finished
+        follow an earlier run's rows in it, whatever order they finish in.
     """
 
-    def __init__(self, out_dir, adata, title, rank_by):
+    def __init__(self, out_dir, adata, title, rank_by, order):
         import anndata
         import pandas as pd
 
         from cellembed.data import BATCH_KEY, LABEL_KEY
 
         self.out_dir, self.adata, self.title, self.rank_by = out_dir, adata, title, rank_by
+        self.order = {key: i for i, key in enumerate(order)}
+        self.finished = {}  # (model, seed) -> place in `order`, of this call's finished runs
         self.text = ""
         obs = adata.obs[[c for c in (LABEL_KEY, BATCH_KEY) if c in adata.obs]].copy()
         self.frame = pd.DataFrame()
@@ -297,9 +362,12 @@ class Board:
         import pandas as pd
 
         joint = row.pop("joint", None)
-        self.frame = _merged(self.frame, pd.DataFrame([row]))
+        key = (row["model"], row["seed"])
+        self.finished[key] = self.order[key]
+        self.frame = _merged(self.frame, pd.DataFrame([row]), self.finished)
         if joint is not None:
-            self.joint = _merged(self.joint, pd.DataFrame([dict(model=row["model"], seed=row["seed"], **joint)]))
+            self.joint = _merged(self.joint, pd.DataFrame([dict(model=row["model"], seed=row["seed"], **joint)]),
+                                 self.finished)
         self.write_tables()
 
     def write_tables(self):
@@ -354,11 +422,15 @@ def pd_categorical(values):
     return pd.Categorical(pd.Series(values).astype(str))
 
 
-def _merged(frame, rows):
-    """``frame`` with ``rows`` appended, earlier rows of the same model and seed dropped."""
+def _merged(frame, rows, places):
+    """``frame`` with ``rows`` appended, earlier rows of the same model and seed dropped, and the rows
+    of the (model, seed) keys in ``places`` (dict: key -> int) after the others, in that order."""
+    import numpy as np
     import pandas as pd
 
-    if not len(frame):
-        return rows.reset_index(drop=True)
-    same = frame.set_index(["model", "seed"]).index.isin(rows.set_index(["model", "seed"]).index)
-    return pd.concat([frame[~same], rows], ignore_index=True)
+    merged = rows.reset_index(drop=True)
+    if len(frame):
+        same = frame.set_index(["model", "seed"]).index.isin(rows.set_index(["model", "seed"]).index)
+        merged = pd.concat([frame[~same], rows], ignore_index=True)
+    place = [places.get(key, -1) for key in zip(merged["model"], merged["seed"])]
+    return merged.iloc[np.argsort(place, kind="stable")].reset_index(drop=True)

@@ -1,7 +1,11 @@
-"""The leaderboard's runs: a ``--models`` entry parsed into a model, and one (model, seed) run scored.
+"""The leaderboard's runs: a ``--models`` entry parsed into a model, and one (model, seed) run scored,
+in this process or as jobs on a Dask cluster.
 
     specs = parse_models(["pca,vae:likelihood=nb"])        # [(label, name, options), ...]
     row, latent, model = run_one(*specs[0], adata, seed=0)  # scores of one fit
+    with dask_client(workers=2) as client:                  # the same runs, two at a time
+        for label, seed, row, latent, model in run_on_dask(client, jobs, adata):
+            ...
 
 Scores (`SCORES`): ``ari_louvain`` / ``nmi_louvain`` (the assignment's metric), ``ari_kmeans``
 / ``nmi_kmeans`` (k-means, k = the number of labelled classes), ``ari_own`` / ``nmi_own`` (the
@@ -11,7 +15,10 @@ model's own clusters), and with a batch ``knn_mixing`` / ``asw_batch``.
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
 import re
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -171,3 +178,127 @@ def run_one(label, name, options, adata, seed, quick=False, device="auto", n_clu
 
 class ScoringWarning(Notice):
     """A score that says little (e.g. a graph clustering with one cluster)."""
+
+
+CONNECT_TIMEOUT = 5  # seconds a --scheduler address has to answer; a running scheduler answers in milliseconds
+_ONE_JOB_AT_A_TIME = threading.Lock()  # a run sets process-wide state (torch's RNG and threads, warnings filters)
+
+
+class ClusterError(Exception):
+    """No Dask cluster to run on (a scheduler that does not answer), or a worker that died during a run."""
+
+
+@contextlib.contextmanager
+def dask_client(workers=None, scheduler=None):
+    """A ``distributed.Client`` for a ``with`` block; leaving it closes the client and a cluster it started.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Start a ``LocalCluster`` of this many worker processes, one thread each.
+    scheduler : str, optional
+        Instead, the address of a running Dask scheduler (``tcp://host:8786``), e.g. the
+        ``scheduler_address`` of dask-jobqueue's ``SLURMCluster``.
+
+    Raises
+    ------
+    ClusterError
+        No scheduler answered at ``scheduler`` within `CONNECT_TIMEOUT` seconds.
+    """
+    from distributed import Client
+
+    if scheduler is None:  # Client(**kwargs) starts LocalCluster(**kwargs) and shuts it down on close
+        client = Client(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client.run(_ignore_interrupt)  # Ctrl-C reaches the workers too; compare.py reports it and stops them
+    else:
+        try:
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+        except (OSError, ValueError, TypeError) as exc:  # refused, timed out (OSError), not an address
+            raise ClusterError(f"--scheduler {scheduler}: no Dask scheduler there ({exc}); pass the address a "
+                               "running scheduler prints, e.g. tcp://node01:8786 (a SLURMCluster's scheduler_address)"
+                               ) from None
+    try:
+        yield client
+    finally:  # the results are in (or abandoned): the log of the shutdown (jobs cancelled, slow exits) says nothing
+        log = logging.getLogger("distributed")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
+        try:
+            client.close()
+        finally:
+            log.setLevel(level)
+
+
+def _ignore_interrupt():
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_on_dask(client, jobs, adata, threads=1, save_seed=None, **settings):
+    """Run (model, seed) jobs on a Dask cluster and yield each one's `run_one` results as it finishes.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    jobs : list of (str, str, dict, int)
+        (label, registry name, options, seed), submitted in this order (the scheduler starts
+        them in it, as far as workers are free).
+    adata : anndata.AnnData
+        Sent once to every worker (`Client.scatter`): the workers need no access to the file or
+        the data root, and every run trains on the very cells the client loaded and checked.
+    threads : int
+        Torch, BLAS and OpenMP threads of each run.
+    save_seed : int, optional
+        The seed whose fitted models come back (``--save-models``); the others stay in the worker.
+    **settings
+        ``quick``, ``device``, ``n_clusters`` and ``scoring`` of `run_one`.
+
+    Yields
+    ------
+    label : str
+    seed : int
+    row, latent, model :
+        As `run_one` returns them; ``model`` is None but for ``save_seed``. The warnings the run
+        raised in the worker are raised again here first, so that they print as in a serial run.
+
+    Raises
+    ------
+    ClusterError
+        A worker died during a run (the scheduler tried it on three workers).
+    Exception
+        What `run_one` raised in the worker, as it is.
+    """
+    from distributed import KilledWorker, as_completed
+
+    shared = client.scatter(adata, broadcast=True, hash=False)
+    futures = {client.submit(_dask_job, label, name, options, shared, seed, threads, seed == save_seed, settings,
+                             pure=False): (label, seed)
+               for label, name, options, seed in jobs}
+    for future in as_completed(futures):
+        label, seed = futures.pop(future)
+        try:
+            row, latent, model, caught = future.result()
+        except KilledWorker:
+            raise ClusterError(f"{label} seed {seed}: the Dask worker running it died (out of memory? its log says "
+                               "why); give the workers more memory, or run fewer at a time") from None
+        for message, category in caught:
+            warnings.warn(message, category, stacklevel=2)
+        yield label, seed, row, latent, model
+
+
+def _dask_job(label, name, options, adata, seed, threads, keep_model, settings):
+    """`run_one` in a Dask worker process: one at a time in it (even with several worker threads),
+    with ``threads`` threads, its warnings recorded for the client."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    with _ONE_JOB_AT_A_TIME:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with threadpool_limits(threads), warnings.catch_warnings(record=True) as caught:
+                row, latent, model = run_one(label, name, options, adata, seed, **settings)
+        finally:
+            torch.set_num_threads(before)
+    return row, latent, model if keep_model else None, [(str(w.message), w.category) for w in caught]

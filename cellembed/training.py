@@ -12,6 +12,20 @@ KL-weight schedules; a module never holds its optimizer or counts its own steps.
 tensor) and a dict of floats to log; the loop does the rest: shuffling, steps, gradient
 clipping, schedules, a validation split with early stopping, the progress bar, and a history
 with one row per epoch. A non-finite loss stops training with an error naming the epoch.
+
+Data parallel (``distributed=True`` or ``"auto"``, in the processes of a `torch.distributed`
+process group, e.g. launched by ``torchrun -m cellembed.distributed``; PyTorch DDP's semantics):
+every process holds the whole data and the same module (rank 0's parameters are broadcast at the
+start), draws the same permutations from ``seed``, and takes its contiguous block of each global
+minibatch of ``batch_size`` rows (`shard`: rank r of W the r-th of W near-equal blocks). Its
+gradient, weighted by its share of the rows, is summed over the processes, so every process
+steps with the gradient of the whole minibatch: W processes at ``batch_size`` B take the steps
+of one process at B, to float rounding, provided ``loss_fn`` returns a MEAN over the batch's rows
+of per-row terms (the losses here are means, but batch norm and in-batch terms such as the
+GMVAE's marginal KL are not per-row: only the AE family passes ``"auto"``). The logged losses, the
+validation loss and the stop decisions are the global minibatch's on every process; clipping
+acts on the summed gradient. Random draws inside ``loss_fn`` (a VAE's noise) come from torch's
+generator, reseeded on ranks above 0 from (seed, rank) so that they differ between processes.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 
@@ -68,9 +83,33 @@ def batches(n_rows, batch_size, generator, shuffle=True):
     return list(order.split(batch_size))
 
 
+def shard(rows, rank, world_size):
+    """This process's block of one global minibatch, and its share of the rows.
+
+    Parameters
+    ----------
+    rows : Tensor, shape (n,)
+        The global minibatch's row indices (the same on every process).
+    rank, world_size : int
+
+    Returns
+    -------
+    block : Tensor, shape (n_r,)
+        The rank-th of ``world_size`` contiguous blocks (`torch.Tensor.tensor_split`: the first
+        ``n % world_size`` blocks hold one row more). A rank left without rows (n < world_size)
+        gets the first row with share 0, so that every process computes a loss and a gradient.
+    share : float
+        ``n_r / n`` (0 for a rank without rows).
+    """
+    block = rows.tensor_split(world_size)[rank]
+    if block.numel() == 0:
+        return rows[:1], 0.0
+    return block, block.numel() / rows.numel()
+
+
 def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, lr_schedule=None,
           kl_weight=None, clip_norm=None, valid_fraction=0.0, valid_data=None, patience=None, on_epoch=None,
-          desc="train", drop_last=False):
+          desc="train", drop_last=False, distributed=False):
     """Train ``module`` on ``data`` for up to ``epochs`` epochs; returns the history.
 
     Parameters
@@ -109,6 +148,10 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
         Progress-bar label and the name in error messages.
     drop_last : bool
         Skip a last minibatch smaller than ``batch_size`` (batch norm needs 2+ rows).
+    distributed : bool or "auto"
+        Data parallel over the initialized `torch.distributed` process group (the module
+        docstring): True needs one, "auto" uses one when there is one, False never does.
+        ``batch_size`` is the global minibatch, split between the processes.
 
     Returns
     -------
@@ -120,9 +163,14 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
     ------
     FloatingPointError
         The loss became NaN or infinite.
+    RuntimeError
+        ``distributed=True`` without a process group.
+    ValueError
+        ``distributed`` on a module with batch norm (its statistics would be per process).
     """
     generator = torch.Generator().manual_seed(int(seed))
     device = module_device(module)  # data may stay on the CPU: each minibatch moves to the module
+    replicas = _replicas(distributed, module, seed, desc)  # None, or (rank, world size)
     n_rows = data[0].shape[0]
     assert all(t.shape[0] == n_rows for t in data), "every tensor of data needs the same number of rows"
     if valid_fraction > 0 and valid_data is not None:
@@ -138,7 +186,8 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
     kl_weight = kl_weight or constant(1.0)
     history, best, best_state, stale = [], math.inf, None, 0
-    bar = tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True,
+               disable=None if replicas is None or replicas[0] == 0 else True)
     for epoch in bar:
         module.train()
         weight = float(kl_weight(epoch))
@@ -148,17 +197,23 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
             if drop_last and batch_size is not None and index.numel() < min(batch_size, n_train):
                 continue
             rows = index if train_rows is None else train_rows[index]
+            share = 1.0
+            if replicas is not None:
+                rows, share = shard(rows, *replicas)
             loss, parts = loss_fn(module, tuple(t[rows].to(device) for t in data), weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {loss.item()} in epoch {epoch}; "
-                                         "lower the learning rate or rerun with another --seed")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            loss = loss.item()
+            if replicas is not None:
+                loss, parts = _sum_gradients(module, share, loss, parts, replicas[1], desc)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the loss became {loss} in epoch {epoch}; "
+                                         "lower the learning rate or rerun with another --seed")
             if clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
             optimizer.step()
             steps += 1
-            for key, value in {"loss": loss.item(), **parts}.items():
+            for key, value in {"loss": loss, **parts}.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         row = {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()},
                "kl_weight": weight, "lr": optimizer.param_groups[0]["lr"]}
@@ -167,9 +222,15 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
         stop = False
         if valid_data is not None:
             module.eval()
+            batch, share = valid_data, 1.0
+            if replicas is not None:
+                rows, share = shard(torch.arange(valid_data[0].shape[0]), *replicas)
+                batch = tuple(t[rows] for t in valid_data)
             with torch.no_grad():
-                valid_loss, _ = loss_fn(module, tuple(t.to(device) for t in valid_data), weight)
+                valid_loss, _ = loss_fn(module, tuple(t.to(device) for t in batch), weight)
             row["valid_loss"] = float(valid_loss)
+            if replicas is not None:
+                row["valid_loss"] = _all_sum([share * row["valid_loss"]], device)[0]
             if row["valid_loss"] < best:
                 best, stale = row["valid_loss"], 0
                 if patience is not None:
@@ -181,6 +242,8 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
         bar.set_postfix({"loss": f"{row['loss']:.4g}"})
         if on_epoch is not None and on_epoch(epoch, row):
             stop = True
+        if replicas is not None:  # one process stopping stops all (each waits on the others' gradients)
+            stop = _all_sum([float(stop)], device)[0] > 0
         if stop:
             break
     bar.close()
@@ -188,6 +251,68 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
         module.load_state_dict(best_state)
     module.eval()
     return history
+
+
+def _replicas(distributed, module, seed, desc):
+    """(rank, world size) when ``train`` runs data parallel, else None; then the replicas start equal.
+
+    Broadcasts rank 0's parameters and buffers, and reseeds torch's generator on ranks above 0
+    from (seed, rank) (rank 0 keeps the caller's, so one process gives a plain run's numbers).
+    """
+    if distributed not in (False, True, "auto"):
+        raise ValueError(f"{desc}: distributed={distributed!r}; use False, True or 'auto'")
+    initialized = dist.is_available() and dist.is_initialized()
+    if distributed is True and not initialized:
+        raise RuntimeError(f"{desc}: distributed=True, but no torch.distributed process group is initialized; "
+                           "launch with torchrun (e.g. torchrun --nproc-per-node 2 -m cellembed.distributed ...) "
+                           "or call torch.distributed.init_process_group first")
+    if not distributed or not initialized:
+        return None
+    norms = [name for name, m in module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise ValueError(f"{desc}: batch norm ({norms[0]}) would normalize each process's block with its own "
+                         "statistics, not the minibatch's; train this module in one process (distributed=False)")
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor, src=0)
+    rank = dist.get_rank()
+    if rank > 0:
+        torch.manual_seed(int(np.random.SeedSequence([int(seed), rank]).generate_state(1)[0]))
+    return rank, dist.get_world_size()
+
+
+def _all_sum(values, device):
+    """Sum over the processes of a list of floats (float64 on ``device``: NCCL reduces on the GPU)."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def _sum_gradients(module, share, loss, parts, world_size, desc):
+    """Replace every gradient by the sum over the processes of ``share`` times it (the global
+    minibatch's gradient of a mean loss); returns the minibatch's loss and parts, summed alike.
+
+    Parameters
+    ----------
+    share : float
+        This process's fraction of the minibatch's rows (`shard`).
+    loss : float
+        The mean loss of this process's rows.
+    parts : dict of float
+        Its logged parts (the same keys on every process).
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    sizes = [g.numel() for g in grads]
+    total = _all_sum([sum(sizes), share * loss, *(share * float(parts[k]) for k in parts)], module_device(module))
+    if total[0] != world_size * sum(sizes):
+        raise RuntimeError(f"{desc}: the processes' gradients differ in size ({sum(sizes)} values here); every "
+                           "process must run the same module and loss on the same kind of batch")
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads]) * share  # (P,) one collective for every parameter
+        dist.all_reduce(flat)
+        for grad, summed in zip(grads, flat.split(sizes)):
+            grad.copy_(summed.view_as(grad))
+    return total[1], dict(zip(parts, total[2:]))
 
 
 def module_device(module):

@@ -78,3 +78,15 @@ def make_counts(n_per_type=40, n_types=3, n_genes=60, seed=0):
 @pytest.fixture
 def small_adata():
     return make_counts()
+
+
+def run_compare(argv, capsys):
+    """``compare.py ARGV`` in this process: (exit code, stdout, stderr)."""
+    import compare
+
+    try:
+        code = compare.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -11,18 +11,10 @@ import pytest
 import scipy.sparse as sp
 
 import compare
+from conftest import run_compare as run
 from cellembed.evaluation import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(argv, capsys):
-    try:
-        code = compare.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -18,21 +18,12 @@ import scipy.io
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
-import compare
+from conftest import run_compare as run
 from cellembed.data import DataWarning
 from cellembed.datasets import demo_path
 from cellembed.evaluation.metrics import graph_labels
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(argv, capsys):
-    try:
-        code = compare.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
