@@ -165,7 +165,7 @@ def run_one(label, name, options, adata, seed, quick=False, device="auto", n_clu
         if predicted is not None:
             row.update(metrics.own_scores(predicted, labels))
         if BATCH_KEY in adata.obs:
-            row.update(metrics.batch_scores(latent, adata.obs[BATCH_KEY].to_numpy(), labels))
+            row.update(metrics.batch_scores(latent, adata.obs[BATCH_KEY].to_numpy(), labels, seed))
         if MOD2_KEY in adata.obsm:
             from cellembed.evaluation.joint_metrics import joint_scores
 

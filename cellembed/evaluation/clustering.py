@@ -285,7 +285,24 @@ def knn_graph_pattern(embed, n_neighbors=N_NEIGHBORS):
         Symmetric, sorted indices, no diagonal: ``A_ij`` is set when j is among i's
         neighbours with a non-zero UMAP weight, or i among j's.
     """
-    indices, distances = knn(embed, n_neighbors)
+    return knn_pattern(*knn(embed, n_neighbors))
+
+
+def knn_pattern(indices, distances):
+    """The edge pattern of the UMAP connectivity matrix of a given kNN (`knn`'s layout).
+
+    Parameters
+    ----------
+    indices : ndarray of int, shape (N, k)
+        Neighbour ids per cell, nearest first, the cell itself among them.
+    distances : ndarray, shape (N, k)
+        Their distances, ascending per row.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix of bool, shape (N, N)
+        As `knn_graph_pattern`.
+    """
     n_obs, k = indices.shape
     keep = indices != np.arange(n_obs)[:, None]  # umap drops the self edge wherever it sits
     keep &= ~_umap_zero_edges(distances)
