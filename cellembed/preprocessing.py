@@ -1,8 +1,14 @@
 """Count preprocessing shared by the models: library sizes, log-normalization, scaling.
 
-Each function takes raw counts (scipy sparse or dense, cells x genes) and returns a new dense
-float32 array; nothing is modified in place. scanpy's ``normalize_total`` + ``log1p`` +
-``scale`` give the same numbers (tests/test_preprocessing.py checks it).
+Each function takes raw counts (scipy sparse or dense, cells x genes) and returns a new array;
+nothing is modified in place. scanpy's ``normalize_total`` + ``log1p`` + ``scale`` give the
+same numbers (tests/test_memory.py checks it).
+
+Memory that grows with the batch, not with the data (the minibatch models): `log_normalize_sparse`
+keeps the zeros implicit (``log1p(0) = 0``), `gene_scaling` takes that CSR matrix as well and
+gives the statistics of its dense form bit for bit, and `standardize` z-scores one dense row
+batch with them; `log_normalize` and `scale` build the dense (N, M) arrays of the full-batch
+models from the same operations, so the two paths give the same numbers.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import scipy.sparse as sp
 # Guards the division by a gene's standard deviation: a gene constant across cells has sd 0
 # (scanpy's scale sets such genes to 0 too).
 SD_EPS = 1e-12
+
+# Values per float64 temporary of the sparse and batched transforms (8 MiB): memory that does not
+# grow with the cells.
+CHUNK = 2**20
 
 
 def dense(X, dtype=np.float32):
@@ -34,29 +44,119 @@ def size_factors(X):
 def log_normalize(X, target_sum=1e4):
     """``log1p(target_sum * x / total)`` per cell, dense (N, M) float32 (scanpy's normalize_total + log1p).
 
-    Empty cells are refused by the loaders, so every total is positive.
+    Empty cells are refused by the loaders, so every total is positive. Sparse ``X``: the dense
+    form of `log_normalize_sparse` (the same numbers).
     """
+    if sp.issparse(X):
+        return dense(log_normalize_sparse(X, target_sum))
     totals = library_sizes(X)
     assert (totals > 0).all(), "a cell has no counts; the loaders drop such cells"
-    scaled = sp.diags(target_sum / totals) @ X if sp.issparse(X) else X * (target_sum / totals)[:, None]
-    return np.log1p(dense(scaled))
+    return np.log1p(dense(X * (target_sum / totals)[:, None]))
+
+
+def log_normalize_sparse(X, target_sum=1e4):
+    """`log_normalize` without the dense array: CSR float32 (N, M) of the stored entries' values.
+
+    Each stored count becomes ``log1p(float32(target_sum * x / total))`` (the product in float64,
+    as `log_normalize`); the zeros stay implicit. The result shares ``X``'s index arrays (CSR
+    ``X`` in canonical form: sorted, no duplicates; anything else is first converted to that).
+    Memory: one float32 value per stored entry, and float64 temporaries of ``CHUNK`` entries.
+
+    Parameters
+    ----------
+    X : scipy.sparse matrix, shape (N, M)
+        Raw counts.
+    target_sum : float
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, shape (N, M), float32
+    """
+    X = canonical_csr(X)
+    totals = library_sizes(X)
+    assert (totals > 0).all(), "a cell has no counts; the loaders drop such cells"
+    factors = target_sum / totals  # (N,) float64
+    values = np.empty(X.nnz, dtype=np.float32)
+    for lo in range(0, X.nnz, CHUNK):
+        hi = min(lo + CHUNK, X.nnz)
+        rows = np.searchsorted(X.indptr, np.arange(lo, hi), side="right") - 1  # each stored entry's row
+        values[lo:hi] = factors[rows] * X.data[lo:hi]  # float64 product, rounded to float32 on assignment
+    np.log1p(values, out=values)
+    return sp.csr_matrix((values, X.indices, X.indptr), shape=X.shape, copy=False)
+
+
+def canonical_csr(X):
+    """``X`` as CSR with sorted indices and no duplicate entries (no copy when it is already)."""
+    X = sp.csr_matrix(X)
+    if not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()  # sorts too
+    return X
 
 
 def gene_scaling(X):
     """Per-gene mean and divisor of `scale`: ``(X - mean) / sd`` is ``scale(X)`` bit for bit.
 
+    A sparse ``X`` gives the numbers of its dense form bit for bit without building it: the
+    means sum the stored entries in row order (a zero adds nothing), and the squared deviations
+    are summed over every row in row order (numpy's order along axis 0), ``CHUNK`` values at a time.
+
     Parameters
     ----------
-    X : ndarray, shape (N, M)
+    X : ndarray or scipy.sparse matrix, shape (N, M)
 
     Returns
     -------
     mean, sd : ndarray, shape (M,), float64
         ``sd``: the standard deviation (ddof 1, as scanpy's ``scale``), 1 for a constant gene.
     """
-    X = np.asarray(X, dtype=np.float64)
-    sd = X.std(axis=0, ddof=1)
-    return X.mean(axis=0), np.where(sd > SD_EPS, sd, 1.0)
+    if sp.issparse(X):
+        mean, sd = _sparse_mean_sd(canonical_csr(X))
+    else:
+        X = np.asarray(X, dtype=np.float64)
+        mean, sd = X.mean(axis=0), X.std(axis=0, ddof=1)
+    return mean, np.where(sd > SD_EPS, sd, 1.0)
+
+
+def _sparse_mean_sd(X):
+    """Mean and sd (ddof 1) of every column of the CSR ``X`` (N, M), as numpy's of ``X.toarray()``."""
+    n, m = X.shape
+    sums = np.zeros(m)
+    for lo in range(0, X.nnz, CHUNK):  # unbuffered: each column's entries added in row order
+        np.add.at(sums, X.indices[lo:lo + CHUNK], X.data[lo:lo + CHUNK].astype(np.float64))
+    mean = sums / n
+    squares = np.zeros((1, m))  # the running sum, the first row of each block
+    rows_per_block = max(1, CHUNK // m)
+    for start in range(0, n, rows_per_block):
+        block = X[start:start + rows_per_block].toarray()  # (b, M)
+        stacked = np.empty((block.shape[0] + 1, m))
+        stacked[0] = squares[0]
+        np.subtract(block, mean, out=stacked[1:])
+        np.multiply(stacked[1:], stacked[1:], out=stacked[1:])
+        squares = stacked.sum(axis=0, keepdims=True)  # squares + row 1 + row 2 ..., in order
+    return mean, np.sqrt(squares[0] / max(n - 1, 0))
+
+
+def standardize(block, mean, sd):
+    """``(block - mean) / sd`` in float64, rounded to float32, in place: one batch of `scale`.
+
+    Parameters
+    ----------
+    block : ndarray, shape (B, M), float32
+        Log-normalized rows (e.g. a row batch of `log_normalize_sparse`), overwritten.
+    mean, sd : ndarray, shape (M,), float64
+        `gene_scaling`'s.
+
+    Returns
+    -------
+    ndarray, shape (B, M), float32
+        ``block`` itself; the float64 temporaries hold ``CHUNK`` values at a time.
+    """
+    rows = max(1, CHUNK // block.shape[1])
+    for start in range(0, block.shape[0], rows):
+        part = block[start:start + rows]
+        part[...] = (part.astype(np.float64) - mean) / sd
+    return block
 
 
 def scale(X, max_value=None):

@@ -26,7 +26,7 @@ def tiny_module(kind, likelihood="mse", n_genes=12, seed=0):
 def test_ae_loss_is_the_summed_squared_error():
     module = tiny_module("ae")
     x = torch.randn(5, 12)
-    loss, parts = make_loss()(module, (x, x), 1.0)
+    loss, parts = make_loss()(module, (x,), 1.0)
     h = module.encoder.branches[0](module.encoder.trunk(x))  # the report's z = ReLU(W4 h3 + b4)
     expected = ((x - module.decoder(torch.relu(h))) ** 2).sum(1).mean()
     torch.testing.assert_close(loss, expected)
@@ -37,7 +37,7 @@ def test_vae_loss_is_squared_error_plus_beta_times_gaussian_kl():
     module = tiny_module("vae")
     x = torch.randn(5, 12)
     torch.manual_seed(3)
-    loss, parts = make_loss(beta=2.0)(module, (x, x), 0.5)
+    loss, parts = make_loss(beta=2.0)(module, (x,), 0.5)
     torch.manual_seed(3)  # the same eps
     h = module.encoder.trunk(x)
     mu, logvar = (b(h) for b in module.encoder.branches)
@@ -147,8 +147,9 @@ def test_save_and_load_give_the_same_latent_bit_for_bit(tmp_path, options):
 def test_mse_inputs_of_the_training_cells_are_scanpys_scale():
     adata = make_counts(n_per_type=10)
     model = get_model("ae")(**TINY, epochs=1).fit(adata, seed=0)
-    x = model._inputs(adata.X.astype(np.float32))[0].numpy()
-    np.testing.assert_array_equal(x, scale(log_normalize(adata.X)))
+    rows = model._inputs(adata.X.astype(np.float32))[0]  # SparseRows: dense rows per batch
+    np.testing.assert_array_equal(rows[:].numpy(), scale(log_normalize(adata.X)))
+    np.testing.assert_array_equal(rows[torch.tensor([7, 2])].numpy(), scale(log_normalize(adata.X))[[7, 2]])
 
 
 def test_new_cells_are_embedded_independently_of_the_batch():
@@ -170,7 +171,7 @@ def test_defaults_are_the_reports():
     cfg = get_model("vsc").Config()
     assert (cfg.latent, tuple(cfg.hidden), cfg.epochs, cfg.batch_size, cfg.lr, cfg.beta, cfg.alpha) == (
         6, (128, 32, 16), 200, 256, 1e-3, 2.0, 0.5)
-    assert get_model("ae").Config().likelihood == "mse"
+    assert get_model("ae").Config().likelihood == "mse" and cfg.scale_epochs
 
 
 def test_vsc_refuses_the_count_likelihood_and_bad_options():

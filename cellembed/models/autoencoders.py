@@ -41,6 +41,14 @@ Latent spaces (`get_latent`, deterministic): the AE's code ``z``; the VAE's ``mu
 posterior mean ``gamma * mu`` (the mean of the spike-and-slab ``q(z | x)``). New cells are
 z-scored with the genes' means and standard deviations of the cells `fit` saw (``mean_``,
 ``scale_``), so a cell's latent does not depend on the other cells it is embedded with.
+
+Memory grows with the batch, not with the cells: the counts stay CSR and each minibatch's dense
+rows are built when it is drawn (`cellembed.data.minibatch.SparseRows`): "mse" log-normalizes
+the stored entries once (`cellembed.preprocessing.log_normalize_sparse`, zeros stay zeros),
+takes the genes' statistics from that sparse matrix and z-scores each batch
+(`cellembed.preprocessing.standardize`); "nb" takes ``log1p`` of each batch's counts. Every
+value is the one the dense (N, M) arrays gave, bit for bit. Above 20,000 cells the epochs
+shrink as 1 / N (``scale_epochs``, scvi-tools' rule), so the number of steps stays bounded.
 """
 
 from __future__ import annotations
@@ -52,8 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellembed.data.minibatch import SparseRows, embed_batch_size, log1p_rows, scaled_epochs
 from cellembed.likelihoods import gaussian_kl, nb_log_prob
-from cellembed.preprocessing import dense, gene_scaling, library_sizes, log_normalize
+from cellembed.preprocessing import gene_scaling, library_sizes, log_normalize_sparse, standardize
 from cellembed.runtime import use_bf16
 from cellembed.training import predict, train
 from cellembed.models.base import Model
@@ -201,8 +210,9 @@ def reconstruction(module, out, x, library=None):
 def make_loss(beta=1.0, alpha=0.5, c=lambda: 50.0, bf16=False):
     """``loss_fn(module, batch, kl_weight) -> (loss, parts)`` for `cellembed.training.train`.
 
-    ``batch`` is ``(inputs, targets)`` ("mse": both the z-scored data) or ``(inputs, counts,
-    library)`` ("nb"). The loss is ``reconstruction + beta * kl_weight * KL`` per cell.
+    ``batch`` is ``(x,)`` ("mse": the z-scored data, the encoder's input and the target) or
+    ``(inputs, counts, library)`` ("nb"). The loss is ``reconstruction + beta * kl_weight * KL``
+    per cell.
 
     Parameters
     ----------
@@ -218,8 +228,11 @@ def make_loss(beta=1.0, alpha=0.5, c=lambda: 50.0, bf16=False):
     """
 
     def loss_fn(module, batch, kl_weight):
-        inputs, targets = batch[0], batch[1]
-        library = batch[2] if len(batch) > 2 else None
+        if module.likelihood == "mse":
+            (inputs,), library = batch, None
+            targets = inputs
+        else:
+            inputs, targets, library = batch
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
             q = module.encode(inputs)
             out = module.decoder(module.sample(q, c()))
@@ -246,7 +259,10 @@ class AEConfig:
     latent: int = 6  # report 3: "Number of latent variables was chosen to be 6"
     hidden: tuple = (128, 32, 16)  # report 2.4 (its public code: 800, 400)
     likelihood: str = "mse"  # report 2.1.1 squared error; "nb": raw counts (beyond the source)
-    epochs: int = 200  # report 3
+    epochs: int = 200  # report 3 (for up to 20,000 cells, see scale_epochs)
+    # above 20,000 cells train round(epochs * 20000 / N) epochs (at least 1), so that the steps stay
+    # bounded: scvi-tools' rule (get_max_epochs_heuristic, with epochs as its cap); False: always epochs
+    scale_epochs: bool = True
     batch_size: int = 256  # report 1.4 (its public code: 240)
     lr: float = 1e-3  # report 3, Adam
     target_sum: float = 1e4  # report 1.3, Seurat's LogNormalize scale factor
@@ -282,25 +298,24 @@ class AE(Model):
     quick = {"epochs": 2}  # compare.py --quick: a smoke run
 
     def _inputs(self, X, fit=False):
-        """The encoder's input (N, M) and the targets: the z-scored data twice ("mse"), or the
-        counts and library sizes (N,) ("nb"), as CPU tensors.
+        """`make_loss`'s batch layout for every cell, rows built per batch: ``(x,)``, the z-scored
+        data ("mse"), or the encoder's input ``log1p`` of the counts, the counts and the library
+        sizes (N,) ("nb"); `SparseRows` (N, M) and CPU tensors.
 
         Parameters
         ----------
-        X : scipy.sparse.csr_matrix, shape (N, M)
+        X : scipy.sparse.csr_matrix, shape (N, M), float32
             Raw counts, genes in ``var_names_`` order.
         fit : bool
             "mse": first set ``mean_`` and ``scale_`` from these cells (`fit`'s).
         """
         if self.config.likelihood == "mse":
-            lognorm = np.asarray(log_normalize(X, self.config.target_sum), dtype=np.float64)  # (N, M)
+            lognorm = log_normalize_sparse(X, self.config.target_sum)  # (N, M) CSR float32
             if fit:
                 self.mean_, self.scale_ = gene_scaling(lognorm)
-            z = torch.from_numpy(((lognorm - self.mean_) / self.scale_).astype(np.float32))  # (N, M)
-            return (z, z)
-        counts = torch.from_numpy(dense(X))  # (N, M)
+            return (SparseRows(lognorm, lambda rows: standardize(rows, self.mean_, self.scale_)),)
         library = torch.from_numpy(library_sizes(X).astype(np.float32))  # (N,)
-        return (torch.log1p(counts), counts, library)
+        return (SparseRows(X, log1p_rows), SparseRows(X), library)
 
     def _build_module(self):
         """A new `AutoencoderModule` for the M genes of ``var_names_`` (random weights, CPU)."""
@@ -312,10 +327,8 @@ class AE(Model):
         cfg = self.config
         if cfg.likelihood == "nb" and self.kind == "vsc":
             raise ValueError("vsc supports likelihood='mse' only (the count likelihood is for ae and vae)")
-        bf16 = use_bf16(cfg.precision, self.device_)
-        tensors = list(self._inputs(data.X, fit=True))
-        if bf16:  # the encoder's input cast once, not every step (the targets stay float32)
-            tensors[0] = tensors[0].to(torch.bfloat16)
+        bf16 = use_bf16(cfg.precision, self.device_)  # autocast casts each batch's input
+        inputs = self._inputs(data.X, fit=True)
         self.module_ = self._build_module().to(self.device_)
         # fused: one kernel over all parameters (the two M x 128 matrices dominate a step)
         optimizer = torch.optim.Adam(self.module_.parameters(), lr=cfg.lr, fused=True)
@@ -330,12 +343,15 @@ class AE(Model):
             return False
 
         loss_fn = make_loss(getattr(cfg, "beta", 1.0), getattr(cfg, "alpha", 0.5), c_now, bf16)
-        self.history = train(self.module_, loss_fn, tuple(tensors), optimizer, epochs=cfg.epochs,
-                             batch_size=cfg.batch_size, seed=seed, on_epoch=count, desc=self.kind)
+        epochs = scaled_epochs(cfg.epochs, data.n_obs) if cfg.scale_epochs else cfg.epochs
+        self.history = train(self.module_, loss_fn, inputs, optimizer, epochs=epochs,
+                             batch_size=cfg.batch_size, seed=seed, on_epoch=count, desc=self.kind,
+                             distributed="auto")
 
     def _get_latent(self, data):
         """The deterministic latent (N, d) of ``data``'s cells (eval mode, no sampling)."""
-        return predict(self.module_.latent, self._inputs(data.X)[0], device=self.device_)
+        inputs = self._inputs(data.X)[0]
+        return predict(self.module_.latent, inputs, embed_batch_size(data.n_vars), self.device_)
 
 
 class VAE(AE):

@@ -59,6 +59,12 @@ Further deviations, each for a stated reason:
   genes (scanpy's Seurat flavour on the log-normalized counts): speed, the first and last
   layers are as wide as the genes (and scVAE's ``z_reads_y=True`` runs the decoder K times per
   cell, which over every gene is hours on 2 CPU cores).
+
+Memory grows with the batch, not with the cells: the counts stay CSR (the modelled genes'
+columns), each minibatch's dense rows and their ``log1p`` are built when it is drawn
+(`cellembed.data.minibatch.SparseRows`; the same numbers as the dense (N, G) tensors, bit for
+bit), and the genes are selected on the sparse log-normalized counts. Above 20,000 cells the
+epochs and the warm-up shrink as 1 / N (``scale_epochs``, scvi-tools' rule).
 """
 
 from __future__ import annotations
@@ -71,8 +77,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellembed.data.minibatch import SparseRows, embed_batch_size, log1p_rows, scaled_epochs
 from cellembed.likelihoods import nb_log_prob
-from cellembed.preprocessing import dense, log_normalize
+from cellembed.preprocessing import library_sizes, log_normalize_sparse
 from cellembed.training import linear_warmup, predict, train
 from cellembed.models.base import Model
 
@@ -210,8 +217,12 @@ class GMVAEConfig:
 
     hidden: tuple = (250,)  # the study: 1 hidden layer (table 1), 250 units (its best models 10, 19)
     latent: int = 50  # the study's best Rand index and accuracy (models 19 and 10: Z = 50)
-    epochs: int = 100  # the study, table 1
+    epochs: int = 100  # the study, table 1 (for up to 20,000 cells, see scale_epochs)
     warmup: int = 40  # KL warm-up epochs: scVAE's recipe warms up over 200 of 500 epochs (40%)
+    # above 20,000 cells train round(epochs * 20000 / N) epochs (at least 1), the warm-up the same
+    # fraction of them, so that the steps stay bounded: scvi-tools' rule (get_max_epochs_heuristic,
+    # with epochs as its cap); False: always epochs and warmup
+    scale_epochs: bool = True
     lr: float = 1e-4  # the study, table 1 (Adam)
     batch_size: int = 100  # scVAE's default minibatch size
     n_top_genes: int = 2000  # more genes than this: the most variable ones (speed; module docstring)
@@ -260,16 +271,24 @@ class GMVAE(Model):
         import anndata
         import scanpy as sc
 
-        lognorm = anndata.AnnData(log_normalize(X))
+        lognorm = anndata.AnnData(log_normalize_sparse(X))  # CSR: scanpy's HVG reads it sparse
         hvg = sc.pp.highly_variable_genes(lognorm, n_top_genes=self.config.n_top_genes, flavor="seurat",
                                           inplace=False)
         return np.flatnonzero(hvg["highly_variable"].to_numpy())
 
     def _tensors(self, X):
-        """Encoder input ``log1p`` of the counts (N, G), the counts (N, G) and library sizes (N,), CPU tensors."""
-        counts = torch.from_numpy(dense(X[:, self.genes_]))  # (N, G)
-        library = counts.sum(1)  # (N,) over the genes modelled (the NB's proportions are over them)
-        return torch.log1p(counts), counts, library
+        """Encoder input ``log1p`` of the counts (N, G), the counts (N, G), rows built per batch
+        (`SparseRows`), and the library sizes (N,), a CPU tensor.
+
+        Parameters
+        ----------
+        X : scipy.sparse.csr_matrix, shape (N, M), float32
+            Raw counts, genes in ``var_names_`` order.
+        """
+        counts = X[:, self.genes_]  # (N, G) CSR
+        # over the genes modelled (the NB's proportions are over them); exact: integer counts
+        library = torch.from_numpy(library_sizes(counts).astype(np.float32))  # (N,)
+        return SparseRows(counts, log1p_rows), SparseRows(counts), library
 
     def _build_module(self):
         """A new `GMVAEModule` for the G genes of ``genes_`` and K = ``n_clusters_`` (random weights, CPU)."""
@@ -285,14 +304,18 @@ class GMVAE(Model):
         self.module_ = self._build_module().to(self.device_)
         optimizer = torch.optim.Adam(self.module_.parameters(), lr=cfg.lr)
         loss_fn = functools.partial(gmvae_loss, kl_y=cfg.kl_y)
-        self.history = train(self.module_, loss_fn, tensors, optimizer, epochs=cfg.epochs,
-                             batch_size=cfg.batch_size, seed=seed, kl_weight=linear_warmup(cfg.warmup),
+        epochs = scaled_epochs(cfg.epochs, data.n_obs) if cfg.scale_epochs else cfg.epochs
+        warmup = cfg.warmup if epochs == cfg.epochs else round(cfg.warmup * epochs / cfg.epochs)  # same fraction
+        self.history = train(self.module_, loss_fn, tensors, optimizer, epochs=epochs,
+                             batch_size=cfg.batch_size, seed=seed, kl_weight=linear_warmup(warmup),
                              desc="gmvae")
 
     def _get_latent(self, data):
         """``sum_k q(k | x) mu_q(x, k)``, ndarray (N, d)."""
-        return predict(self.module_.latent, self._tensors(data.X)[0], device=self.device_)
+        inputs = self._tensors(data.X)[0]
+        return predict(self.module_.latent, inputs, embed_batch_size(self.genes_.size), self.device_)
 
     def _predict(self, data):
         """``argmax_k q(k | x)``, int ndarray (N,)."""
-        return predict(self.module_.q_y, self._tensors(data.X)[0], device=self.device_).argmax(1)
+        inputs = self._tensors(data.X)[0]
+        return predict(self.module_.q_y, inputs, embed_batch_size(self.genes_.size), self.device_).argmax(1)

@@ -1,0 +1,116 @@
+"""Minibatches from sparse counts: memory that grows with the batch, not with the data.
+
+`SparseRows` keeps a CSR matrix (N x M) and builds the dense rows of one batch when asked,
+through a per-batch transform (log-normalized z-scores, ``log1p`` of the counts). It stands
+where `cellembed.training.train` and `cellembed.training.predict` take a tensor: both read
+``shape[0]`` and index rows (``t[rows]`` with a LongTensor of row indices, ``x[i:j]``), so
+
+    data = (SparseRows(lognorm, lambda b: standardize(b, mean, sd)),)  # or (SparseRows(X, log1p_rows), ...)
+    history = train(module, loss_fn, data, optimizer, epochs=..., batch_size=256)
+
+trains on the same batches, bit for bit, as the dense (N, M) tensor of every row would, and
+holds the CSR matrix plus one batch.
+
+`scaled_epochs` is the epoch budget that follows the data size (scvi-tools' rule), and
+`embed_batch_size` the rows of an embedding batch, bounded in values rather than in rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+# scvi-tools (scvi.model._utils.get_max_epochs_heuristic, its ``decay_at_n_obs``): the number of
+# cells above which the epochs shrink as 1 / N.
+EPOCHS_DECAY_CELLS = 20_000
+
+# The most values (rows x genes) of one embedding batch: 16 MiB of float32 (4096 rows of 1,024 genes).
+EMBED_BATCH_VALUES = 2**22
+EMBED_BATCH_ROWS = 4096  # `cellembed.training.predict`'s default
+
+
+def scaled_epochs(epochs, n_cells):
+    """scvi-tools' epoch budget: ``epochs`` up to 20,000 cells, ``round(epochs * 20000 / N)`` above.
+
+    scvi-tools' ``get_max_epochs_heuristic(n_obs, epochs_cap=400, decay_at_n_obs=20000)``
+    with the source's ``epochs`` as the cap, at least 1: the number of steps (N / batch size
+    per epoch) stays at most that of 20,000 cells.
+
+    Parameters
+    ----------
+    epochs : int
+        The source's epochs (for data of up to 20,000 cells).
+    n_cells : int
+        N, the training cells.
+
+    Returns
+    -------
+    int
+    """
+    if n_cells <= EPOCHS_DECAY_CELLS:
+        return epochs
+    return max(1, round(epochs * EPOCHS_DECAY_CELLS / n_cells))
+
+
+def embed_batch_size(n_genes):
+    """Rows per batch of `cellembed.training.predict` on `SparseRows` of ``n_genes`` columns.
+
+    4096 (predict's default) up to 1,024 genes, fewer above, so that a batch's dense rows hold
+    at most ``EMBED_BATCH_VALUES`` values (2,097 rows of 2,000 genes, 139 of 30,000). A row's
+    result does not depend on the batch it is in (tests/test_memory.py checks the latents).
+    """
+    return max(1, min(EMBED_BATCH_ROWS, EMBED_BATCH_VALUES // n_genes))
+
+
+def log1p_rows(rows):
+    """``log1p`` of a batch's counts (an encoder's input) with torch's kernel, as on the full tensor.
+
+    Parameters
+    ----------
+    rows : ndarray, shape (B, M), float32
+
+    Returns
+    -------
+    Tensor, shape (B, M), float32
+    """
+    return torch.log1p(torch.from_numpy(rows))
+
+
+class SparseRows:
+    """A CSR matrix handed out as dense row batches: ``rows[index]`` is a Tensor (B, M).
+
+    Parameters
+    ----------
+    X : scipy.sparse.csr_matrix, shape (N, M), float32
+        Kept as it is (not copied).
+    transform : callable, optional
+        ``ndarray (B, M) float32 -> ndarray or Tensor (B, M)``, applied to each batch's dense
+        rows (it may overwrite them); none: the rows themselves.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        (N, M), as a tensor's.
+    device : torch.device
+        Where the batches are made: the CPU (`cellembed.training.predict`'s default device).
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, X, transform=None):
+        if not sp.isspmatrix_csr(X) or X.dtype != np.float32:
+            raise TypeError(f"SparseRows needs a float32 CSR matrix, got {type(X).__name__} of {X.dtype}; "
+                            "convert it with scipy.sparse.csr_matrix(X, dtype=numpy.float32)")
+        self.X, self.transform, self.shape = X, transform, X.shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        """The dense rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), Tensor (B, M)."""
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        rows = self.X[index].toarray()  # (B, M) float32, C-contiguous
+        out = rows if self.transform is None else self.transform(rows)
+        return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
