@@ -83,8 +83,8 @@ def main(argv=None):
                       f"{row['total_s']:.1f} s, cpu {row['cpu_s']:.1f} s; ari_own {row['ari_own']:.4f}, "
                       f"nmi_own {row['nmi_own']:.4f}", flush=True)
             if len(rows) > 1:
-                summary = ", ".join(f"{key} {np.mean([r[key] for r in rows]):.4f} +- {np.std([r[key] for r in rows], ddof=1):.4f}"
-                                    for key in ("ari_own", "nmi_own", "total_s"))
+                values = {key: [r[key] for r in rows] for key in ("ari_own", "nmi_own", "total_s")}
+                summary = ", ".join(f"{key} {np.mean(v):.4f} +- {np.std(v, ddof=1):.4f}" for key, v in values.items())
                 print(f"{name} over seeds {args.seeds}: {summary}", flush=True)
 
 

@@ -261,7 +261,7 @@ def parse_assignment_args(argv=None):
                              "natively (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32 (default: auto)")
     parser.add_argument("--model", choices=("etm", "scetm"), default="etm",
                         help="the model of Q4-Q8: etm, the course's ETM, or scetm, the batch-corrected "
-                             "scETM (etm.BatchETM, cellembed/models/scetm.py: a gene bias per mouse, logits mixed in topic "
+                             "scETM (etm.BatchETM: a gene bias per mouse, logits mixed in topic "
                              "space; its settings in its SCETMConfig) (default: etm)")
     parser.add_argument("--batch-correct", dest="model", action="store_const", const="scetm",
                         help="the same as --model scetm")

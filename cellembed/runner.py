@@ -98,7 +98,7 @@ def build(name, options, quick=False, device="auto"):
 
 
 def obsm_key(label):
-    """``X_<label>`` with the settings' punctuation as underscores (``vae:likelihood=nb`` -> ``X_vae_likelihood_nb``)."""
+    """``X_<label>``, the settings' punctuation as underscores (``vae:likelihood=nb`` -> ``X_vae_likelihood_nb``)."""
     return "X_" + re.sub(r"[^0-9A-Za-z]+", "_", label).strip("_")
 
 

@@ -1,4 +1,5 @@
-"""cellembed.evaluation.metrics: batch mixing, k-means and Louvain scores, against direct computations and scikit-learn."""
+"""cellembed.evaluation.metrics: batch mixing, k-means and Louvain scores, against direct computations and
+scikit-learn."""
 
 import numpy as np
 import pytest
@@ -65,4 +66,5 @@ def test_clustering_scores_equal_scikit_learn_and_the_louvain_partition():
     assert got["n_louvain"] == np.unique(lv).size
     assert 0.5 < got["ari_kmeans"] < 1.0
     assert rt.own_scores(labels, labels) == {"ari_own": 1.0, "nmi_own": 1.0}
-    assert rt.asw_batch(embed, np.zeros(180), labels) != rt.asw_batch(embed, np.zeros(180), labels)  # NaN: no type has 2 batches
+    # NaN: no type has 2 batches
+    assert rt.asw_batch(embed, np.zeros(180), labels) != rt.asw_batch(embed, np.zeros(180), labels)

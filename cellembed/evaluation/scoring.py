@@ -2,7 +2,8 @@
 
 Every iteration of every model is scored by `cellembed.evaluation.clustering.louvain_ari` (kNN + Louvain, about
 two thirds of a run's CPU work). `ARIScorer` hands the embeddings to worker processes, one per
-core, so training never waits for a score; `NoScorer` scores nothing (training alone); `PerfRecorder` keeps a loop's perf table.
+core, so training never waits for a score; `NoScorer` scores nothing (training alone); `PerfRecorder`
+keeps a loop's perf table.
 The metric itself lives in `cellembed.evaluation.clustering`; this module only schedules it.
 """
 

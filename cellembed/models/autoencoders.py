@@ -290,7 +290,8 @@ class AE(Model):
 
     After `fit`: ``history`` (per epoch: ``loss``, ``recon``, ``kl`` for the VAEs, ``kl_weight``,
     ``lr``), ``module_`` (the trained `AutoencoderModule`) and, with ``likelihood="mse"``,
-    ``mean_`` and ``scale_`` (float64 (M,), the z-scoring of the training cells, `cellembed.preprocessing.gene_scaling`).
+    ``mean_`` and ``scale_`` (float64 (M,), the z-scoring of the training cells,
+    `cellembed.preprocessing.gene_scaling`).
     """
 
     Config = AEConfig
