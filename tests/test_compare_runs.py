@@ -211,3 +211,41 @@ def test_ctrl_c_ends_the_assignment_within_seconds(real_data_dir, tmp_path, mome
     code, output, seconds = interrupt(argv, moment, tmp_path)
     assert code == 130 and seconds < 10, (code, seconds, output)
     assert "Traceback" not in output and "interrupted" in output.splitlines()[-1]
+
+
+def write_cell_ranger_h5(path, counts, barcodes, genes):
+    """A Cell Ranger v3 ``filtered_feature_bc_matrix.h5``: the matrix group, genes x cells CSC."""
+    import h5py
+
+    csc = sp.csc_matrix(counts.T.astype(np.int32))  # (genes, cells), stored by cell
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["barcodes"] = np.array(barcodes, dtype="S")
+        m["data"], m["indices"], m["indptr"] = csc.data, csc.indices, csc.indptr
+        m["shape"] = np.array(csc.shape, dtype=np.int32)
+        feats = m.create_group("features")
+        feats["id"] = np.array([f"ENSG{i:05d}" for i in range(len(genes))], dtype="S")
+        feats["name"] = np.array(genes, dtype="S")
+        feats["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        feats["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+        feats["_all_tag_keys"] = np.array([b"genome"])
+
+
+def test_a_cell_ranger_h5_with_labels(demo, tmp_path, capsys):
+    path = tmp_path / "filtered_feature_bc_matrix.h5"
+    write_cell_ranger_h5(path, demo.X, demo.obs_names, demo.var_names)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"cell": demo.obs_names, "type": demo.obs["cell_type"].astype(str)}).to_csv(labels, index=False)
+    code, _, err = run(["--data", path, "--labels", labels, "--models", "pca", "--seeds", "0", "--no-tsne",
+                        "--out", tmp_path], capsys)
+    assert code == 0, err
+    from_h5 = pd.read_csv(tmp_path / "filtered_feature_bc_matrix" / "leaderboard.csv")
+    code, _, err = run(["--data", demo_path(), "--models", "pca", "--seeds", "0", "--no-tsne", "--out", tmp_path],
+                       capsys)
+    demo_board = pd.read_csv(tmp_path / "pbmc3k_demo" / "leaderboard.csv")
+    scores = ["ari_louvain", "ari_kmeans", "nmi_kmeans"]
+    np.testing.assert_allclose(from_h5[scores].to_numpy(), demo_board[scores].to_numpy(), atol=1e-6)
+    half = tmp_path / "half.csv"
+    pd.DataFrame({"cell": ["nobody"], "type": ["T"]}).to_csv(half, index=False)
+    code, _, err = run(["--data", path, "--labels", half, "--models", "pca", "--out", tmp_path], capsys)
+    assert code == 2 and "none of its 1 cell ids ('nobody') is a cell of the data set" in err
