@@ -16,7 +16,7 @@ the embedding against the annotated cell types.
 
 Run ``python comp565_A4.py --help`` for the options; the figures, tables and an AnnData with
 every embedding land in ``figures/``. ``--model scetm`` answers Q4-Q8 with scETM's
-batch-corrected decoder (``models/scetm.py``) instead of the course ETM.
+batch-corrected decoder (``etm.BatchETM``) instead of the course ETM.
 """
 
 from __future__ import annotations

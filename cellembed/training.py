@@ -1,4 +1,4 @@
-"""The one training loop of the models in `models/` (the assignment's ETM keeps its own, Q4).
+"""The one training loop of the models in `cellembed/models/` (the assignment's ETM keeps its own, Q4).
 
 As pytorch/examples' ``train(args, model, device, loader, optimizer, epoch)`` and scvi-tools'
 training plan: the caller builds the optimizer and passes it in with the learning-rate and
