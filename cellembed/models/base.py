@@ -242,7 +242,7 @@ class Model:
         config = _config_from_dict(saved.Config, meta["config"], path)
         model = saved(config, device=device) if saved.uses_torch else saved(config)
         for key, value in meta["fitted"].items():
-            setattr(model, key, tuple(value) if isinstance(value, list) and key.endswith("shape_") else value)
+            setattr(model, key, value)
         try:
             with np.load(path / ARRAYS_FILE, allow_pickle=False) as npz:
                 for key in meta["arrays"]:
