@@ -398,20 +398,22 @@ class Board:
         """The t-SNE of every model in ``embeddings.h5ad`` (or no stale one); the tables as they stand."""
         from cellembed import reports
         from cellembed.data import LABEL_KEY
+        from cellembed.runner import obsm_key
 
         if len(self.frame):
             self.write_tables()
         path = self.out_dir / "tsne.png"
-        keys = sorted(self.embeddings.obsm)
-        if not tsne or not keys:
+        if not tsne or not len(self.embeddings.obsm):
             path.unlink(missing_ok=True)  # a figure of an earlier run would not match this leaderboard
             return
+        # the models in the leaderboard's order, each titled as in --models
+        titles = {obsm_key(label): label for label in dict.fromkeys(self.frame.get("model", []))}
         labelled = LABEL_KEY in self.embeddings.obs
         panels = {}
-        for key in keys:
+        for key in [*titles, *sorted(set(self.embeddings.obsm) - set(titles))]:
             column = LABEL_KEY if labelled else f"{key[2:]}_clusters"
-            if column in self.embeddings.obs:
-                panels[key[2:]] = (key, column)
+            if key in self.embeddings.obsm and column in self.embeddings.obs:
+                panels[titles.get(key, key[2:])] = (key, column)
         reports.plot_tsne(self.embeddings, panels, path, seed=seed,
                           max_cells=max_cells or reports.TSNE_MAX_CELLS)
 
