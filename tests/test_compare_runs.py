@@ -124,6 +124,16 @@ def test_reruns_merge_and_resume_skips(tmp_path, capsys):
     assert len(again) == 6 and list(again["model"][-2:]) == ["pca", "pca"]
 
 
+def board_with_labels(data, demo, tmp_path, capsys):
+    """``compare.py --data DATA --labels CSV`` (the demo's cell types by barcode) for pca: its leaderboard."""
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"cell": demo.obs_names, "type": demo.obs["cell_type"].astype(str)}).to_csv(labels, index=False)
+    code, _, err = run(["--data", data, "--labels", labels, "--models", "pca", "--seeds", "0", "--no-tsne",
+                        "--out", tmp_path], capsys)
+    assert code == 0, err
+    return pd.read_csv(tmp_path / data.stem / "leaderboard.csv")
+
+
 def test_counts_in_adata_raw_and_a_10x_folder_with_labels(demo, tmp_path, capsys):
     lognorm = demo.copy()
     lognorm.raw = demo.copy()
@@ -146,12 +156,7 @@ def test_counts_in_adata_raw_and_a_10x_folder_with_labels(demo, tmp_path, capsys
     pd.Series(demo.obs_names).to_csv(folder / "barcodes.tsv", header=False, index=False)
     for name in ("matrix.mtx", "features.tsv", "barcodes.tsv"):
         subprocess.run(["gzip", str(folder / name)], check=True)
-    labels = tmp_path / "labels.csv"
-    pd.DataFrame({"cell": demo.obs_names, "type": demo.obs["cell_type"].astype(str)}).to_csv(labels, index=False)
-    code, _, err = run(["--data", folder, "--labels", labels, "--models", "pca", "--seeds", "0", "--no-tsne",
-                        "--out", tmp_path], capsys)
-    assert code == 0, err
-    from_10x = pd.read_csv(tmp_path / "filtered_feature_bc_matrix" / "leaderboard.csv")
+    from_10x = board_with_labels(folder, demo, tmp_path, capsys)
     scores = ["ari_louvain", "ari_kmeans", "nmi_kmeans"]
     np.testing.assert_allclose(from_10x[scores].to_numpy(), from_raw[scores].to_numpy(), atol=1e-6)
 
@@ -234,12 +239,7 @@ def write_cell_ranger_h5(path, counts, barcodes, genes):
 def test_a_cell_ranger_h5_with_labels(demo, tmp_path, capsys):
     path = tmp_path / "filtered_feature_bc_matrix.h5"
     write_cell_ranger_h5(path, demo.X, demo.obs_names, demo.var_names)
-    labels = tmp_path / "labels.csv"
-    pd.DataFrame({"cell": demo.obs_names, "type": demo.obs["cell_type"].astype(str)}).to_csv(labels, index=False)
-    code, _, err = run(["--data", path, "--labels", labels, "--models", "pca", "--seeds", "0", "--no-tsne",
-                        "--out", tmp_path], capsys)
-    assert code == 0, err
-    from_h5 = pd.read_csv(tmp_path / "filtered_feature_bc_matrix" / "leaderboard.csv")
+    from_h5 = board_with_labels(path, demo, tmp_path, capsys)
     code, _, err = run(["--data", demo_path(), "--models", "pca", "--seeds", "0", "--no-tsne", "--out", tmp_path],
                        capsys)
     demo_board = pd.read_csv(tmp_path / "pbmc3k_demo" / "leaderboard.csv")
