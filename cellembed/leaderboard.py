@@ -107,6 +107,10 @@ def parse_args(argv=None):
                         help="smoke run: every model with its few-iteration settings (Model.quick), a t-SNE of "
                              "300 cells; the leaderboard says so")
     parser.add_argument("--no-tsne", action="store_true", help="skip tsne.png")
+    parser.add_argument("--backed", action="store_true",
+                        help="leave the counts of an .h5ad on disk (anndata's backed mode) and stream them in row "
+                             "chunks: data larger than memory, for the models that stream (pca, ae, vae, vsc, "
+                             "gmvae)")
     parser.add_argument("--threads", type=cli.positive_int, default=None,
                         help="threads for training and scoring (default: all cores); with --workers N, split "
                              "among the workers (--threads // N each, default 1); with --scheduler, each run's "
@@ -132,6 +136,19 @@ def parse_args(argv=None):
         args.specs = parse_models(args.models, quick=args.quick)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.backed:
+        from cellembed.models import REGISTRY, get_model
+
+        memory = [label for label, name, _ in args.specs if not get_model(name).streams_backed]
+        if memory:
+            streaming = ", ".join(name for name in REGISTRY if get_model(name).streams_backed)
+            parser.error(f"argument --backed: {memory[0]} needs the counts in memory; the models that stream are "
+                         f"{streaming} (or leave --backed out)")
+        if args.workers or args.scheduler:
+            parser.error("argument --backed: not with --workers / --scheduler (each worker would open the file); "
+                         "run the seeds one after another, or leave --backed out")
+        if args.classify:
+            parser.error("argument --backed: --classify trains on the counts in memory; leave one of them out")
     return args
 
 
@@ -195,7 +212,8 @@ def _compare(args, client):
         else:
             data = args.data
         adata = load_dataset(data, data_root=args.data_root, label_key=args.label_key, batch_key=args.batch_key,
-                             layer=args.layer, labels=args.labels, mod2_normalized=args.mod2_normalized)
+                             layer=args.layer, labels=args.labels, mod2_normalized=args.mod2_normalized,
+                             backed=args.backed)
         labelled = LABEL_KEY in adata.obs
         need_labels = [label for label, name, _ in args.specs if get_model(name).supervised]
         if not labelled and need_labels:

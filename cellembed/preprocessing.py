@@ -111,30 +111,52 @@ def gene_scaling(X):
         ``sd``: the standard deviation (ddof 1, as scanpy's ``scale``), 1 for a constant gene.
     """
     if sp.issparse(X):
-        mean, sd = _sparse_mean_sd(canonical_csr(X))
-    else:
-        X = np.asarray(X, dtype=np.float64)
-        mean, sd = X.mean(axis=0), X.std(axis=0, ddof=1)
+        X = canonical_csr(X)
+        rows = max(1, CHUNK // X.shape[1])
+        return gene_scaling_blocks(lambda: (X[i:i + rows] for i in range(0, X.shape[0], rows)), *X.shape)
+    X = np.asarray(X, dtype=np.float64)
+    mean, sd = X.mean(axis=0), X.std(axis=0, ddof=1)
     return mean, np.where(sd > SD_EPS, sd, 1.0)
 
 
-def _sparse_mean_sd(X):
-    """Mean and sd (ddof 1) of every column of the CSR ``X`` (N, M), as numpy's of ``X.toarray()``."""
-    n, m = X.shape
+def gene_scaling_blocks(blocks, n, m):
+    """`gene_scaling` of a sparse (N, M) matrix read as consecutive row blocks (e.g. from disk).
+
+    The mean and the sd (ddof 1) are numpy's ``mean`` and ``std(ddof=1)`` along axis 0 of the
+    dense form, bit for bit, whatever the blocks' sizes: the sums add each column's stored
+    entries in row order (a zero adds nothing), the squared deviations are summed row after row
+    (numpy's order along axis 0), ``CHUNK`` values at a time. Two passes over the data (a
+    file's, for a backed AnnData).
+
+    Parameters
+    ----------
+    blocks : callable
+        ``() -> iterator`` of CSR row blocks (canonical), the N rows in order; called twice.
+    n, m : int
+        N rows and M columns.
+
+    Returns
+    -------
+    mean, sd : ndarray, shape (M,), float64
+        ``sd``: 1 for a constant column, as `gene_scaling`'s.
+    """
     sums = np.zeros(m)
-    for lo in range(0, X.nnz, CHUNK):  # unbuffered: each column's entries added in row order
-        np.add.at(sums, X.indices[lo:lo + CHUNK], X.data[lo:lo + CHUNK].astype(np.float64))
+    for block in blocks():  # unbuffered: each column's entries added in row order
+        for lo in range(0, block.nnz, CHUNK):
+            np.add.at(sums, block.indices[lo:lo + CHUNK], block.data[lo:lo + CHUNK].astype(np.float64))
     mean = sums / n
     squares = np.zeros((1, m))  # the running sum, the first row of each block
     rows_per_block = max(1, CHUNK // m)
-    for start in range(0, n, rows_per_block):
-        block = X[start:start + rows_per_block].toarray()  # (b, M)
-        stacked = np.empty((block.shape[0] + 1, m))
-        stacked[0] = squares[0]
-        np.subtract(block, mean, out=stacked[1:])
-        np.multiply(stacked[1:], stacked[1:], out=stacked[1:])
-        squares = stacked.sum(axis=0, keepdims=True)  # squares + row 1 + row 2 ..., in order
-    return mean, np.sqrt(squares[0] / max(n - 1, 0))
+    for block in blocks():
+        for start in range(0, block.shape[0], rows_per_block):
+            part = block[start:start + rows_per_block].toarray()  # (b, M)
+            stacked = np.empty((part.shape[0] + 1, m))
+            stacked[0] = squares[0]
+            np.subtract(part, mean, out=stacked[1:])
+            np.multiply(stacked[1:], stacked[1:], out=stacked[1:])
+            squares = stacked.sum(axis=0, keepdims=True)  # squares + row 1 + row 2 ..., in order
+    sd = np.sqrt(squares[0] / max(n - 1, 1))  # n = 1: sd 0, replaced by 1 below
+    return mean, np.where(sd > SD_EPS, sd, 1.0)
 
 
 def standardize(block, mean, sd):

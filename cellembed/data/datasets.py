@@ -74,7 +74,7 @@ def default_data_root():
 
 
 def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=None, labels=None,
-                 mod2_normalized=None):
+                 mod2_normalized=None, backed=False):
     """Load a data set by name or by path as raw counts with labels (and batch) under fixed keys.
 
     Parameters
@@ -105,6 +105,11 @@ def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=Non
         counts (False); None: detected (negative or non-integer values, e.g. the CLR-normalized
         proteins of public CITE-seq files, are read as normalized, with a `DataWarning`). The
         RNA counts must be raw either way.
+    backed : bool
+        Leave the counts on disk (``compare.py --backed``): an ``.h5ad`` file (or a name whose
+        file is one, with one modality) opened with ``backed="r"`` and checked chunk by chunk
+        (`cellembed.data.backed`); for the models that stream it. Cells without a label or a
+        count are then an error (nothing is copied to drop them).
 
     Returns
     -------
@@ -131,6 +136,8 @@ def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=Non
         batch or layer, values that are not raw counts, labels of one class, fewer than 2 cells or
         genes with counts, or two modalities that hold different cells.
     """
+    if backed:
+        return _load_backed(data, data_root, label_key, batch_key, layer, labels)
     if isinstance(data, str) and data in DATASETS:
         root = Path(data_root) if data_root is not None else default_data_root()
         return _load_named(data, root, label_key, batch_key, layer, labels, mod2_normalized)
@@ -141,6 +148,38 @@ def load_dataset(data, data_root=None, label_key=None, batch_key=None, layer=Non
                         "course's data folder, also works")
     return _load_path(path, path.name if path.is_dir() else path.stem, label_key, batch_key, layer, labels=labels,
                       mod2_normalized=mod2_normalized)
+
+
+def _load_backed(data, data_root, label_key, batch_key, layer, labels):
+    """`load_dataset` with ``backed=True``: a checked AnnData whose counts stay in the ``.h5ad`` file."""
+    from cellembed.data.validate import CLI_FLAGS, setup_anndata
+
+    path, name = Path(data), Path(data).stem
+    if isinstance(data, str) and data in DATASETS:
+        spec = DATASETS[data]
+        root = Path(data_root) if data_root is not None else default_data_root()
+        if spec.file is None or not spec.file.endswith(".h5ad") or spec.mod2 is not None:
+            raise DataError(f"--backed: data set {data!r} is not one .h5ad file; --backed streams an .h5ad's X "
+                            "(leave --backed out for this one)")
+        path, name = root / spec.folder / spec.file, data
+        label_key, batch_key, layer = label_key or spec.label_key, batch_key or spec.batch_key, layer or spec.layer
+    if path.suffix != ".h5ad":
+        raise DataError(f"{path}: --backed streams an .h5ad file; write the data as .h5ad (adata.write_h5ad) or "
+                        "leave --backed out")
+    rna = _read_h5ad(path, backed=True)
+    if labels is not None:
+        if label_key is not None:
+            raise DataError(f"{path}: pass --labels or --label-key, not both")
+        label_key = LABELS_CSV_COLUMN
+        rna.obs[label_key] = _read_labels(labels, rna.obs_names)
+    key = label_column(rna.obs, label_key, path)
+    if key is None:
+        warnings.warn(f"{path}: no label column (looked for {', '.join(LABEL_KEYS)}; obs has "
+                      f"{few(rna.obs.columns, 8) or 'no columns'}): embeddings and clusters without scores; "
+                      "pass --label-key COLUMN or --labels CSV to score them", DataWarning, stacklevel=4)
+    adata = setup_anndata(rna, layer, key, batch_column(rna.obs, batch_key, path), where=str(path), flags=CLI_FLAGS)
+    adata.uns["dataset"] = {"name": name, "path": str(path), "backed": True}
+    return adata
 
 
 def _load_named(name, root, label_key, batch_key, layer, labels=None, mod2_normalized=None):
@@ -248,13 +287,13 @@ def _why(exc):
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _read_h5ad(path):
+def _read_h5ad(path, backed=False):
     if not path.is_file():
         raise DataError(f"{path.absolute()}: no such file; re-copy the data set's folder")
     try:
         with warnings.catch_warnings():  # files from anndata < 0.8 (NeurIPS 2021): one notice per element
             warnings.simplefilter("ignore", anndata.OldFormatWarning)
-            return anndata.read_h5ad(path)
+            return anndata.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # not HDF5, truncated, or not an AnnData: anndata raises many kinds
         raise DataError(f"{path}: not a readable .h5ad ({_why(exc)}); re-copy or re-write the file") from None
 

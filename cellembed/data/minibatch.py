@@ -21,6 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from cellembed.data.backed import BackedCounts
+
 # scvi-tools (scvi.model._utils.get_max_epochs_heuristic, its ``decay_at_n_obs``): the number of
 # cells above which the epochs shrink as 1 / N.
 EPOCHS_DECAY_CELLS = 20_000
@@ -82,11 +84,15 @@ class SparseRows:
 
     Parameters
     ----------
-    X : scipy.sparse.csr_matrix, shape (N, M), float32
-        Kept as it is (not copied).
+    X : scipy.sparse.csr_matrix, shape (N, M), float32, or `cellembed.data.backed.BackedCounts`
+        Kept as it is (not copied); a `BackedCounts` reads each batch's rows from disk.
     transform : callable, optional
         ``ndarray (B, M) float32 -> ndarray or Tensor (B, M)``, applied to each batch's dense
         rows (it may overwrite them); none: the rows themselves.
+    sparse_transform : callable, optional
+        ``CSR (B, M) -> CSR (B, M)`` float32, applied to each batch's rows before they are made
+        dense (e.g. `cellembed.preprocessing.log_normalize_sparse` of counts read from disk, which
+        gives each row the values it has in the log-normalized matrix of every cell).
 
     Attributes
     ----------
@@ -98,11 +104,11 @@ class SparseRows:
 
     device = torch.device("cpu")
 
-    def __init__(self, X, transform=None):
-        if not sp.isspmatrix_csr(X) or X.dtype != np.float32:
+    def __init__(self, X, transform=None, sparse_transform=None):
+        if not (sp.isspmatrix_csr(X) or isinstance(X, BackedCounts)) or X.dtype != np.float32:
             raise TypeError(f"SparseRows needs a float32 CSR matrix, got {type(X).__name__} of {X.dtype}; "
                             "convert it with scipy.sparse.csr_matrix(X, dtype=numpy.float32)")
-        self.X, self.transform, self.shape = X, transform, X.shape
+        self.X, self.transform, self.sparse_transform, self.shape = X, transform, sparse_transform, X.shape
 
     def __len__(self):
         return self.shape[0]
@@ -111,6 +117,9 @@ class SparseRows:
         """The dense rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), Tensor (B, M)."""
         if isinstance(index, torch.Tensor):
             index = index.numpy()
-        rows = self.X[index].toarray()  # (B, M) float32, C-contiguous
+        rows = self.X[index]  # (B, M) CSR float32
+        if self.sparse_transform is not None:
+            rows = self.sparse_transform(rows)
+        rows = rows.toarray()  # (B, M) float32, C-contiguous
         out = rows if self.transform is None else self.transform(rows)
         return torch.from_numpy(out) if isinstance(out, np.ndarray) else out

@@ -17,6 +17,7 @@ import anndata
 import numpy as np
 import pandas as pd
 
+from cellembed.data.backed import BACKED_KEY, BackedCounts, backed_matrix, check_backed_counts
 from cellembed.data.checks import (BATCH_KEY, COUNTS_LAYER, LABEL_KEY, LABEL_KEYS, DataError, DataWarning,
                                    checked_counts, drop_empty, few)
 
@@ -65,23 +66,27 @@ def counts_matrix(adata, layer, where, flags=CLI_FLAGS):
                             f"adata.raw, but it has none (layers: {few(adata.layers, 8) or 'none'})")
         return (checked_counts(adata.raw.X, where, "raw.X", adata.obs_names, adata.raw.var_names,
                                "the models need raw counts in adata.raw.X"), adata.raw.var.copy())
-    sep = " " if flags.layer.startswith("--") else ""
     if layer is not None and layer not in adata.layers:
         raise DataError(f"{where}: no layer {layer!r} for {flags.layer} (layers: {few(adata.layers, 8) or 'none'}"
                         f"{', and adata.raw' if adata.raw is not None else ''}); pass one of them, or leave "
                         f"{flags.layer.rstrip('=')} out to read X")
-    if layer != COUNTS_LAYER and COUNTS_LAYER in adata.layers:
-        fix = f"pass {flags.layer}{sep}{COUNTS_LAYER!r}" if not sep else f"pass {flags.layer} {COUNTS_LAYER}"
-    elif len(adata.layers):
-        fix = f"pass {flags.layer.rstrip('=')} with the layer of raw counts (layers: {few(adata.layers, 8)})"
-    elif adata.raw is not None:
-        fix = f"pass {flags.layer}{sep}raw to read adata.raw"
-    else:
-        fix = "the models need raw counts: put them in X or a layer"
+    fix = counts_fix(adata, layer, flags)
     name, matrix = ("X", adata.X) if layer is None else (f"layers[{layer!r}]", adata.layers[layer])
     if matrix is None:
         raise DataError(f"{where}: it stores no X; {fix}")
     return checked_counts(matrix, where, name, adata.obs_names, adata.var_names, fix), adata.var.copy()
+
+
+def counts_fix(adata, layer, flags=CLI_FLAGS):
+    """What an error about values that are not raw counts tells the user to do: where the counts are."""
+    sep = " " if flags.layer.startswith("--") else ""
+    if layer != COUNTS_LAYER and COUNTS_LAYER in adata.layers:
+        return f"pass {flags.layer}{sep}{COUNTS_LAYER!r}" if not sep else f"pass {flags.layer} {COUNTS_LAYER}"
+    if len(adata.layers):
+        return f"pass {flags.layer.rstrip('=')} with the layer of raw counts (layers: {few(adata.layers, 8)})"
+    if adata.raw is not None:
+        return f"pass {flags.layer}{sep}raw to read adata.raw"
+    return "the models need raw counts: put them in X or a layer"
 
 
 def label_column(obs, key, where, flags=CLI_FLAGS, detect=True):
@@ -114,7 +119,7 @@ def as_str(values):
     return arr.astype(str)
 
 
-def finish(adata, where, label_key, batch_key, flags=CLI_FLAGS, drop=True):
+def finish(adata, where, label_key, batch_key, flags=CLI_FLAGS, drop=True, totals=None):
     """Move labels (and batch) to `LABEL_KEY` (`BATCH_KEY`) and check them and the cells.
 
     Parameters
@@ -129,6 +134,9 @@ def finish(adata, where, label_key, batch_key, flags=CLI_FLAGS, drop=True):
         True (the loaders): cells without a label, then cells and genes without a single count,
         are dropped with a `DataWarning`. False (the model API, whose output has one row per cell
         given): such cells are a `DataError`.
+    totals : ndarray, shape (N,), optional
+        The cells' total counts, when ``adata`` holds no ``X`` (a backed AnnData's, counted
+        chunk by chunk); only with ``drop=False``.
 
     Returns
     -------
@@ -165,7 +173,7 @@ def finish(adata, where, label_key, batch_key, flags=CLI_FLAGS, drop=True):
     if drop:
         adata = drop_empty(adata, where, fix="the data need raw counts in at least 2 cells and 2 genes")
     else:
-        totals = np.asarray(adata.X.sum(axis=1)).ravel()
+        totals = np.asarray(adata.X.sum(axis=1)).ravel() if totals is None else totals
         if not (totals > 0).all():
             empty = adata.obs_names[totals <= 0]
             raise DataError(f"{where}: {len(empty)} cell(s) have no counts ({few(empty)}); remove them first: "
@@ -180,26 +188,32 @@ def finish(adata, where, label_key, batch_key, flags=CLI_FLAGS, drop=True):
     return adata
 
 
-def setup_anndata(adata, layer=None, labels_key=None, batch_key=None, where="adata"):
+def setup_anndata(adata, layer=None, labels_key=None, batch_key=None, where="adata", flags=API_FLAGS):
     """A checked copy of a user's AnnData for the model API (the checks of `load_dataset`).
 
     Parameters
     ----------
     adata : anndata.AnnData, shape (N cells, M genes)
         Raw counts in ``X``, ``layers[layer]`` or (``layer="raw"``) ``adata.raw``; an AnnData
-        made by `load_dataset` (labels in ``obs['Celltype']``) is read as it is.
+        made by `load_dataset` (labels in ``obs['Celltype']``) is read as it is. Opened with
+        ``backed="r"``: checked chunk by chunk, its counts left on disk
+        (`cellembed.data.backed`).
     layer : str, optional
     labels_key, batch_key : str, optional
         obs columns of the cell types and the batch; left out, the data have none (except an
         AnnData of `load_dataset`, whose ``Celltype`` and ``batch`` columns are kept).
     where : str
         How errors name the object.
+    flags : Flags
+        How errors name the settings (the API's arguments; ``compare.py --backed``: its flags).
 
     Returns
     -------
     anndata.AnnData, shape (N, M)
-        ``X`` CSR float32 raw counts, ``var`` the genes, ``obs[LABEL_KEY]`` / ``obs[BATCH_KEY]``
-        (categorical str) when given, ``obsm['mod2']`` / ``uns['mod2']`` (a second modality) kept.
+        ``X`` CSR float32 raw counts (backed: no ``X``, a `BackedCounts` in
+        ``uns[BACKED_KEY]``, read through `cellembed.data.backed.counts`), ``var`` the genes,
+        ``obs[LABEL_KEY]`` / ``obs[BATCH_KEY]`` (categorical str) when given, ``obsm['mod2']`` /
+        ``uns['mod2']`` (a second modality) kept.
 
     Raises
     ------
@@ -212,20 +226,34 @@ def setup_anndata(adata, layer=None, labels_key=None, batch_key=None, where="ada
         raise DataError(f"{where}: expected an anndata.AnnData (cells x genes), got {type(adata).__name__}")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(f"{where}: holds {adata.n_obs} cells x {adata.n_vars} genes; nothing to embed")
-    X, var = counts_matrix(adata, layer, where, API_FLAGS)
+    if BACKED_KEY in adata.uns:  # made by this function from a backed AnnData: checked already
+        return adata
+    if adata.isbacked:
+        matrix, name = backed_matrix(adata, layer, where, flags.layer)
+        X, var = BackedCounts(matrix, where=where), adata.var
+    else:
+        X, var = counts_matrix(adata, layer, where, flags)
     if not var.index.is_unique:
         dup = var.index[var.index.duplicated()].unique()
         raise DataError(f"{where}: duplicate gene names ({few(dup)}); genes are matched by name: make them "
                         "unique first, e.g. adata.var_names_make_unique()")
     ours = "dataset" in adata.uns  # made by load_dataset: its keys are ours
-    labels = label_column(adata.obs, labels_key, where, API_FLAGS, detect=False)
-    batch = batch_column(adata.obs, batch_key, where, API_FLAGS, detect=False)
+    labels = label_column(adata.obs, labels_key, where, flags, detect=False)
+    batch = batch_column(adata.obs, batch_key, where, flags, detect=False)
     if ours:
         labels = labels or (LABEL_KEY if LABEL_KEY in adata.obs else None)
         batch = batch or (BATCH_KEY if BATCH_KEY in adata.obs else None)
     obs = adata.obs[[c for c in {labels, batch} - {None}]].copy()
-    checked = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=var.index.astype(str)))
+    genes = pd.DataFrame(index=var.index.astype(str))
+    totals = None
+    if isinstance(X, BackedCounts):  # checked chunk by chunk; the counts stay on disk
+        totals = check_backed_counts(X, where, name, adata.obs_names, adata.var_names,
+                                     counts_fix(adata, layer, flags))
+        checked = anndata.AnnData(obs=obs, var=genes)
+        checked.uns[BACKED_KEY] = X
+    else:
+        checked = anndata.AnnData(X=X, obs=obs, var=genes)
     if MOD2_KEY in adata.obsm:
         checked.obsm[MOD2_KEY] = np.asarray(adata.obsm[MOD2_KEY], dtype=np.float32)
         checked.uns[MOD2_KEY] = adata.uns.get(MOD2_KEY, {})
-    return finish(checked, where, labels, batch, API_FLAGS, drop=False)
+    return finish(checked, where, labels, batch, flags, drop=False, totals=totals)

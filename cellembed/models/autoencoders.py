@@ -54,15 +54,18 @@ shrink as 1 / N (``scale_epochs``, scvi-tools' rule), so the number of steps sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellembed.data.backed import BackedCounts, counts
 from cellembed.data.minibatch import SparseRows, embed_batch_size, log1p_rows, scaled_epochs
 from cellembed.likelihoods import gaussian_kl, nb_log_prob
-from cellembed.preprocessing import gene_scaling, library_sizes, log_normalize_sparse, standardize
+from cellembed.preprocessing import (gene_scaling, gene_scaling_blocks, library_sizes, log_normalize_sparse,
+                                     standardize)
 from cellembed.runtime import use_bf16
 from cellembed.training import predict, train
 from cellembed.models.base import Model
@@ -296,6 +299,7 @@ class AE(Model):
 
     Config = AEConfig
     kind = "ae"
+    streams_backed = True
     quick = {"epochs": 2}  # compare.py --quick: a smoke run
 
     def _inputs(self, X, fit=False):
@@ -305,16 +309,26 @@ class AE(Model):
 
         Parameters
         ----------
-        X : scipy.sparse.csr_matrix, shape (N, M), float32
-            Raw counts, genes in ``var_names_`` order.
+        X : scipy.sparse.csr_matrix, shape (N, M), float32, or `BackedCounts`
+            Raw counts, genes in ``var_names_`` order (in memory, or on disk: every batch's rows
+            are then read and log-normalized when drawn, the values of the in-memory path).
         fit : bool
             "mse": first set ``mean_`` and ``scale_`` from these cells (`fit`'s).
         """
         if self.config.likelihood == "mse":
-            lognorm = log_normalize_sparse(X, self.config.target_sum)  # (N, M) CSR float32
+            def scaled(rows):
+                return standardize(rows, self.mean_, self.scale_)
+
+            lognorm = functools.partial(log_normalize_sparse, target_sum=self.config.target_sum)
+            if isinstance(X, BackedCounts):  # two passes over the file for the statistics
+                if fit:
+                    self.mean_, self.scale_ = gene_scaling_blocks(lambda: (lognorm(b) for _, b in X.chunks()),
+                                                                  *X.shape)
+                return (SparseRows(X, scaled, sparse_transform=lognorm),)
+            lognorm = lognorm(X)  # (N, M) CSR float32
             if fit:
                 self.mean_, self.scale_ = gene_scaling(lognorm)
-            return (SparseRows(lognorm, lambda rows: standardize(rows, self.mean_, self.scale_)),)
+            return (SparseRows(lognorm, scaled),)
         library = torch.from_numpy(library_sizes(X).astype(np.float32))  # (N,)
         return (SparseRows(X, log1p_rows), SparseRows(X), library)
 
@@ -329,7 +343,7 @@ class AE(Model):
         if cfg.likelihood == "nb" and self.kind == "vsc":
             raise ValueError("vsc supports likelihood='mse' only (the count likelihood is for ae and vae)")
         bf16 = use_bf16(cfg.precision, self.device_)  # autocast casts each batch's input
-        inputs = self._inputs(data.X, fit=True)
+        inputs = self._inputs(counts(data), fit=True)
         self.module_ = self._build_module().to(self.device_)
         # fused: one kernel over all parameters (the two M x 128 matrices dominate a step)
         optimizer = torch.optim.Adam(self.module_.parameters(), lr=cfg.lr, fused=True)
@@ -351,7 +365,7 @@ class AE(Model):
 
     def _get_latent(self, data):
         """The deterministic latent (N, d) of ``data``'s cells (eval mode, no sampling)."""
-        inputs = self._inputs(data.X)[0]
+        inputs = self._inputs(counts(data))[0]
         return predict(self.module_.latent, inputs, embed_batch_size(data.n_vars), self.device_)
 
 

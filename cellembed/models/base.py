@@ -31,9 +31,11 @@ import warnings
 from pathlib import Path
 from typing import ClassVar
 
+import anndata
 import numpy as np
 import pandas as pd
 
+from cellembed.data.backed import BACKED_KEY, counts, fingerprint_backed, is_backed
 from cellembed.data.checks import LABEL_KEY, DataError, few
 from cellembed.data.validate import setup_anndata
 
@@ -62,6 +64,10 @@ class Model:
         clear error for them.
     uses_torch : bool
         The model trains a torch module: it takes ``device`` and has ``module_``.
+    streams_backed : bool
+        `fit` and `get_latent` take an AnnData opened with ``backed="r"`` and read its counts in
+        row chunks and minibatches from disk (`cellembed.data.backed`); other models ask for
+        ``adata.to_memory()``.
     quick : dict
         Config settings of a smoke run (a few iterations): ``compare.py --quick`` and the
         registry's tests use them.
@@ -82,6 +88,7 @@ class Model:
     supervised: ClassVar[bool] = False
     embeds_new_cells: ClassVar[bool] = True
     uses_torch: ClassVar[bool] = True
+    streams_backed: ClassVar[bool] = False
     quick: ClassVar[dict] = {}
 
     def __init__(self, config=None, device="auto", **overrides):
@@ -122,7 +129,7 @@ class Model:
         """
         from cellembed.training import seed_everything
 
-        data = setup_anndata(adata, layer, labels_key, batch_key)
+        data = self._setup(adata, layer, labels_key, batch_key)
         name = type(self).__name__
         if self.supervised and LABEL_KEY not in data.obs:
             raise DataError(f"adata: {name} is supervised (labels enter its training); pass labels_key=COLUMN")
@@ -289,9 +296,19 @@ class Model:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(adata) or "
                                  f"{type(self).__name__}.load(path) first")
 
+    def _setup(self, adata, layer, labels_key=None, batch_key=None):
+        """`setup_anndata`, after checking that a backed AnnData goes to a model that streams."""
+        if isinstance(adata, anndata.AnnData) and (adata.isbacked or is_backed(adata)) and not self.streams_backed:
+            from cellembed.models import REGISTRY, get_model
+
+            streaming = [name for name in REGISTRY if get_model(name).streams_backed]
+            raise DataError(f"adata: opened with backed='r', but {type(self).__name__} needs the counts in memory; "
+                            f"load them with adata.to_memory(), or use a model that streams ({', '.join(streaming)})")
+        return setup_anndata(adata, layer, labels_key, batch_key)
+
     def _checked(self, adata, layer):
         self._check_fitted()
-        data = match_genes(setup_anndata(adata, layer), self.var_names_)
+        data = match_genes(self._setup(adata, layer), self.var_names_)
         if not self.embeds_new_cells and not self._is_fit_data(data):
             raise DataError(f"adata: {type(self).__name__} embeds only the cells it was fit on; fit it on these "
                             "cells (it has no encoder for new ones)")
@@ -423,6 +440,8 @@ def n_classes(adata):
 
 def fingerprint(data):
     """A digest of a checked AnnData's cell names and counts: which cells `fit` saw."""
+    if is_backed(data):
+        return fingerprint_backed(counts(data), data.obs_names)
     X = data.X if data.X.has_sorted_indices else data.X.sorted_indices()  # one layout per matrix
     digest = hashlib.blake2b(digest_size=16)
     for part in (np.asarray(data.obs_names, dtype=str), X.indptr, X.indices, X.data):
@@ -444,6 +463,10 @@ def match_genes(data, genes):
     if len(missing):
         raise DataError(f"adata: lacks {len(missing)} of the {len(genes)} genes the model was trained on "
                         f"({few(missing, 5)}); pass cells measured on those genes (genes are matched by name)")
+    if is_backed(data):  # the same cells, their genes read in the trained order from disk
+        matched = anndata.AnnData(obs=data.obs, var=pd.DataFrame(index=genes), obsm=dict(data.obsm))
+        matched.uns[BACKED_KEY] = counts(data).select_columns(data.var_names.get_indexer(genes))
+        return matched
     return data[:, genes].copy()
 
 

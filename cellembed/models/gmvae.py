@@ -77,6 +77,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellembed.data.backed import BackedCounts, counts as counts_of
+from cellembed.data.checks import DataError
 from cellembed.data.minibatch import SparseRows, embed_batch_size, log1p_rows, scaled_epochs
 from cellembed.likelihoods import nb_log_prob
 from cellembed.preprocessing import library_sizes, log_normalize_sparse
@@ -256,6 +258,7 @@ class GMVAE(Model):
 
     Config = GMVAEConfig
     clusters = True
+    streams_backed = True
     quick = {"epochs": 2, "warmup": 1}  # compare.py --quick: a smoke run
 
     def _select_genes(self, X):
@@ -268,6 +271,10 @@ class GMVAE(Model):
         """
         if X.shape[1] <= self.config.n_top_genes:
             return np.arange(X.shape[1])
+        if isinstance(X, BackedCounts):
+            raise DataError(f"adata: backed, with {X.shape[1]} genes, more than n_top_genes={self.config.n_top_genes}: "
+                            "the most variable genes are chosen in memory; subset the file to those genes first "
+                            "(sc.pp.highly_variable_genes on a sample), or pass n_top_genes >= the genes")
         import anndata
         import scanpy as sc
 
@@ -282,10 +289,13 @@ class GMVAE(Model):
 
         Parameters
         ----------
-        X : scipy.sparse.csr_matrix, shape (N, M), float32
-            Raw counts, genes in ``var_names_`` order.
+        X : scipy.sparse.csr_matrix, shape (N, M), float32, or `BackedCounts`
+            Raw counts, genes in ``var_names_`` order (on disk: each batch read when drawn).
         """
-        counts = X[:, self.genes_]  # (N, G) CSR
+        if isinstance(X, BackedCounts):
+            counts = X if len(self.genes_) == X.shape[1] else X.select_columns(self.genes_)
+        else:
+            counts = X[:, self.genes_]  # (N, G) CSR
         # over the genes modelled (the NB's proportions are over them); exact: integer counts
         library = torch.from_numpy(library_sizes(counts).astype(np.float32))  # (N,)
         return SparseRows(counts, log1p_rows), SparseRows(counts), library
@@ -299,8 +309,8 @@ class GMVAE(Model):
     def _fit(self, data, seed):
         """Train on every cell of ``data`` (checked: N x M raw counts in ``X``)."""
         cfg = self.config
-        self.genes_ = self._select_genes(data.X)
-        tensors = self._tensors(data.X)
+        self.genes_ = self._select_genes(counts_of(data))
+        tensors = self._tensors(counts_of(data))
         self.module_ = self._build_module().to(self.device_)
         optimizer = torch.optim.Adam(self.module_.parameters(), lr=cfg.lr)
         loss_fn = functools.partial(gmvae_loss, kl_y=cfg.kl_y)
@@ -312,10 +322,10 @@ class GMVAE(Model):
 
     def _get_latent(self, data):
         """``sum_k q(k | x) mu_q(x, k)``, ndarray (N, d)."""
-        inputs = self._tensors(data.X)[0]
+        inputs = self._tensors(counts_of(data))[0]
         return predict(self.module_.latent, inputs, embed_batch_size(self.genes_.size), self.device_)
 
     def _predict(self, data):
         """``argmax_k q(k | x)``, int ndarray (N,)."""
-        inputs = self._tensors(data.X)[0]
+        inputs = self._tensors(counts_of(data))[0]
         return predict(self.module_.q_y, inputs, embed_batch_size(self.genes_.size), self.device_).argmax(1)
