@@ -290,7 +290,7 @@ def main(argv=None):
     if args.scaling:
         from bench import scaling
 
-        scaling.main(["--data-dir", args.data_dir])
+        scaling.main(["--stages", "--data-dir", args.data_dir])
     if args.json:
         Path(args.json).write_text(json.dumps({"per_iteration_ms": rows, "tsne_ms": tsne_ms, "whole": whole},
                                               indent=2, default=str))

@@ -1,12 +1,25 @@
-"""How the cost grows with the number of cells: NMF, an ETM step and evaluate_ari, 2k-100k cells.
+"""How time and memory grow with the cells: every registered model, the leaderboard's scoring,
+and (``--stages``) the assignment's stages per iteration.
 
-    python bench/scaling.py [--sizes 2000 10000 50000 100000]
+    python bench/scaling.py [--models pca vae ...] [--sizes 10000 50000 100000 200000]
+    python bench/scaling.py --million [--models pca vae gmvae]    # 1,000,000 cells from a backed .h5ad
+    python bench/scaling.py --stages [--sizes 2000 10000 50000 100000]
 
-Larger data sets are made by resampling the 1886 real cells with replacement and thinning
-every count binomially (p = 0.9), so that copies of a cell differ (exact duplicates would tie
-in the kNN graph). Times are milliseconds per iteration (median of a few), all cores, one
-process. At these sizes a run should score every k iterations (``--eval-every``) and may train
-the ETM on minibatches (``--etm-batch-size``): one minibatch step costs the same at any size.
+Cells: the real 10x PBMC 4k cells (``10x_pbmc``, 2,000 genes) resampled with replacement to N,
+every count thinned binomially (p = 0.9) so that copies of a cell differ (`resample`); labels
+go with the cells. Each (model, N) runs in a fresh process (``--child``) at the model's default
+settings (``device="cpu"``, every core), on an ``.h5ad`` of those cells written once per N
+under ``--work``: ``fit`` and ``get_latent`` from memory (``--million``: from the file opened
+with ``backed="r"``), then the leaderboard's scoring of that latent
+(`cellembed.evaluation.metrics.clustering_scores`: kNN graph, Louvain, k-means; approximate
+kNN above `cellembed.evaluation.graph.APPROX_ABOVE` cells). Columns: seconds of fit + embed,
+of the scoring, and the process's peak resident memory (``VmHWM``, the data included); a run
+past ``--timeout`` is cut and shown as ``>T``. The closing lines fit each model's growth
+exponent (time ~ N^b over the sizes it finished; linear is b = 1) and draw
+``bench/results/scaling.png``.
+
+``--stages``: the assignment's NMF, ETM step and ``evaluate_ari``, milliseconds per iteration on
+the mouse pancreas cells resampled the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +50,11 @@ MINIBATCH = 2048
 
 
 def resample(adata, n_cells, seed=0):
-    """``n_cells`` cells drawn with replacement, counts thinned binomially (p = 0.9)."""
+    """``n_cells`` cells drawn with replacement, counts thinned binomially (p = 0.9).
+
+    Labels (``Celltype``), the batch and a second modality (``obsm['mod2']``, thinned as well
+    when it holds counts) go with the cells.
+    """
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, adata.n_obs, n_cells)
     X = adata.X[pick].tocsr().astype(np.int64)
@@ -45,7 +62,14 @@ def resample(adata, n_cells, seed=0):
     X.eliminate_zeros()
     keep = np.asarray(X.sum(axis=1)).ravel() > 0  # a thinned cell can lose every count
     out = anndata.AnnData(X=sp.csr_matrix(X[keep]))
-    out.obs["Celltype"] = adata.obs["Celltype"].to_numpy()[pick][keep]
+    for key in ("Celltype", "batch"):
+        if key in adata.obs:
+            out.obs[key] = adata.obs[key].to_numpy()[pick][keep]
+    if "mod2" in adata.obsm:  # a second modality goes with its cells, its counts thinned too
+        mod2 = np.asarray(adata.obsm["mod2"])[pick][keep]
+        if not adata.uns["mod2"].get("normalized"):
+            mod2 = rng.binomial(mod2.astype(np.int64), 0.9).astype(np.float32)
+        out.obsm["mod2"], out.uns["mod2"] = mod2, dict(adata.uns["mod2"])
     return out
 
 
@@ -79,15 +103,233 @@ def time_size(adata, repeat):
     return row
 
 
+MODELS_DATA = "10x_pbmc"  # real PBMC cells, 2,000 genes: the issue's "100k cells x 2,000 genes"
+JOINT_DATA = "neurips_cite"  # the two-modality models' cells: 1,000 genes + 134 proteins (600 real cells)
+SIZES = [10_000, 50_000, 100_000, 200_000]
+MILLION = 1_000_000
+STREAMING = ["pca", "vae", "gmvae"]  # the models of the 1M-cell backed run
+
+CHILD_OPTIONS = {"gmvae": {"n_clusters": None}}  # K = the labelled classes
+
+
+def write_cells(data_root, n_cells, path, seed=0):
+    """``n_cells`` resampled PBMC cells (`resample`) written to ``path`` (.h5ad), in chunks of 100k.
+
+    Chunks keep the writer's memory bounded for a million cells: the first is written by
+    anndata, the others appended to its on-disk CSR matrix.
+    """
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    from cellembed.data import load_dataset
+
+    base = load_dataset(MODELS_DATA, data_root=data_root)
+    base.X = base.X.astype(np.int64)
+    step = 100_000
+    labels = []
+    with h5py.File(path, "w") as store:
+        for i, start in enumerate(range(0, n_cells, step)):
+            part = resample(base, min(step, n_cells - start), seed=seed + i)
+            X = sp.csr_matrix(part.X, dtype=np.float32)
+            if i == 0:
+                write_elem(store, "X", X)
+            else:
+                sparse_dataset(store["X"]).append(X)
+            labels.append(part.obs["Celltype"].to_numpy())
+        labels = np.concatenate(labels)
+        obs = anndata.AnnData(obs={"Celltype": labels}, var=base.var[[]]).obs
+        obs.index = [f"cell{j}" for j in range(len(labels))]
+        obs["Celltype"] = obs["Celltype"].astype("category")
+        write_elem(store, "obs", obs)
+        write_elem(store, "var", base.var[[]])
+        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(store, key, {})
+        store.attrs["encoding-type"], store.attrs["encoding-version"] = "anndata", "0.1.0"
+    return len(labels)
+
+
+def write_joint_cells(data_root, n_cells, path, seed=0):
+    """``n_cells`` resampled CITE-seq cells (RNA, proteins, labels, batch) written to ``path`` (.h5ad)."""
+    from cellembed.data import load_dataset
+
+    base = load_dataset(JOINT_DATA, data_root=data_root)
+    base.X = base.X.astype(np.int64)
+    part = resample(base, n_cells, seed=seed)
+    part.X = sp.csr_matrix(part.X, dtype=np.float32)
+    part.obs_names = [f"cell{j}" for j in range(part.n_obs)]
+    part.var_names = base.var_names
+    part.uns["mod2"]["features"] = np.asarray(part.uns["mod2"]["features"], dtype=str)
+    part.write_h5ad(path)
+    return part.n_obs
+
+
+def child(model_name, path, backed, score=True, seed=0):
+    """One (model, file) run in this process: a dict of seconds, peak memory and scores."""
+    from cellembed.evaluation.metrics import clustering_scores
+    from cellembed.models import get_model
+
+    t0 = time.perf_counter()
+    adata = anndata.read_h5ad(path, backed="r" if backed else None)
+    load = time.perf_counter() - t0
+    model = get_model(model_name)(device="cpu") if get_model(model_name).uses_torch else get_model(model_name)()
+    keys = {"labels_key": "Celltype", "batch_key": "batch" if "batch" in adata.obs else None}
+    t0 = time.perf_counter()
+    model.fit(adata, seed=seed, **keys)
+    latent = np.asarray(model.get_latent(adata), dtype=np.float64)
+    fit = time.perf_counter() - t0
+    peak_fit = peak_mib()
+    row = {"model": model_name, "cells": adata.n_obs, "load_s": load, "fit_s": fit, "peak_fit_mib": peak_fit,
+           "backed": backed}
+    if score:
+        labels = adata.obs["Celltype"].to_numpy().astype(str)
+        t0 = time.perf_counter()
+        scores = clustering_scores(latent, labels, seed, "louvain")
+        row.update(score_s=time.perf_counter() - t0, ari_louvain=scores["ari_louvain"],
+                   ari_kmeans=scores["ari_kmeans"])
+    row["peak_mib"] = peak_mib()
+    return row
+
+
+def peak_mib():
+    """This process's peak resident memory so far (VmHWM), MiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_child(model_name, path, backed, timeout, score=True):
+    """`child` in a fresh process; None when it ran past ``timeout`` seconds or failed (printed)."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model_name, str(path)]
+    cmd += (["--backed"] if backed else []) + ([] if score else ["--no-score"])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        print(f"  {model_name} on {path.name}: failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+        return {"failed": True}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def growth(sizes, values):
+    """The exponent b of ``value ~ N^b`` fitted by least squares on the logs (None below 2 points)."""
+    pairs = [(n, v) for n, v in zip(sizes, values) if v is not None and v > 0]
+    if len(pairs) < 2:
+        return None
+    n, v = np.log(np.array(pairs, dtype=float)).T
+    return float(np.polyfit(n, v, 1)[0])
+
+
+def models_table(args):
+    """Every model at every size: the table, the growth exponents and the figure."""
+    from cellembed.models import REGISTRY, get_model
+
+    models = args.models or (STREAMING if args.million else list(REGISTRY))
+    sizes = [MILLION] if args.million else args.sizes
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    print(f"\nScaling: fit + embed, scoring, peak memory ({MODELS_DATA} cells resampled, 2,000 genes; "
+          f"{'backed .h5ad' if args.million else 'in memory'}; timeout {args.timeout} s)", flush=True)
+    print("| model | cells | fit + embed s | scoring s | peak MiB | ARI Louvain | ARI k-means |\n|---|---:|---:|---:|---:|"
+          "---:|---:|", flush=True)
+    for n in sizes:
+        for name in models:
+            joint = get_model(name).__name__ in ("JAE", "PCAJoint")  # two modalities
+            path = work / f"{'cite' if joint else 'pbmc'}_{n}.h5ad"
+            if not path.exists():
+                (write_joint_cells if joint else write_cells)(args.data_root, n, path)
+            row = run_child(name, path, args.million, args.timeout, not args.no_score)
+            results[name, n] = row
+            if row is None:
+                print(f"| {name} | {n} | >{args.timeout} | | | | |", flush=True)
+            elif not row.get("failed"):
+                scores = (f"{row['score_s']:.1f} | {row['peak_mib']:.0f} | {row['ari_louvain']:.3f} | "
+                          f"{row['ari_kmeans']:.3f}" if "score_s" in row else f"- | {row['peak_mib']:.0f} | - | -")
+                print(f"| {name} | {n} | {row['fit_s']:.1f} | {scores} |", flush=True)
+    if len(sizes) > 1:
+        print("\nGrowth exponents b (time ~ N^b over the sizes each finished; 1 = linear):")
+        for name in models:
+            rows = [results.get((name, n)) for n in sizes]
+            fit = growth(sizes, [r["fit_s"] if r and not r.get("failed") else None for r in rows])
+            score = growth(sizes, [r.get("score_s") if r and not r.get("failed") else None for r in rows])
+            show = [f"{x:.2f}" if x is not None else "-" for x in (fit, score)]
+            print(f"  {name}: fit + embed {show[0]}, scoring {show[1]}")
+        plot(results, models, sizes, Path(args.figure))
+    return results
+
+
+def plot(results, models, sizes, path):
+    """Time and peak memory against the cells, log-log, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in models:
+        rows = [(n, results.get((name, n))) for n in sizes]
+        rows = [(n, r) for n, r in rows if r and not r.get("failed")]
+        if not rows:
+            continue
+        n = [r[0] for r in rows]
+        axes[0].plot(n, [r[1]["fit_s"] for r in rows], marker="o", label=name)
+        axes[1].plot(n, [r[1]["peak_mib"] / 1024 for r in rows], marker="o", label=name)
+    for ax, what in zip(axes, ("fit + embed (s)", "peak memory (GiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("cells")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].axhline(600, color="grey", ls="--", lw=1)  # the issue's 10-minute target at 100k cells
+    axes[1].axhline(4, color="grey", ls="--", lw=1)  # and its 4 GB
+    axes[1].legend(fontsize=8, ncol=2)
+    fig.suptitle("Every model on resampled 10x PBMC cells (2,000 genes), default settings, 2 CPU cores")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"figure: {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("COMP565_DATA_DIR", str(ROOT / "data")))
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 50000, 100000])
-    parser.add_argument("--repeat", type=int, default=3, help="timed NMF iterations per size")
+    parser.add_argument("--data-dir", default=os.environ.get("COMP565_DATA_DIR", str(ROOT / "data")),
+                        help="--stages: the course's data folder")
+    parser.add_argument("--data-root", default=os.environ.get("A4_DATA_ROOT", str(ROOT.parent / "shared/data")),
+                        help="the named data sets' folder (10x_pbmc)")
+    parser.add_argument("--models", nargs="+", default=None, help="registry names (default: all; --million: "
+                        + ", ".join(STREAMING) + ")")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--million", action="store_true", help="1,000,000 cells from a backed .h5ad")
+    parser.add_argument("--no-score", action="store_true", help="fit and embed only (no leaderboard scoring)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per (model, size) run")
+    parser.add_argument("--work", default="/tmp/cellembed-scaling", help="where the resampled .h5ad files go")
+    parser.add_argument("--figure", default=str(ROOT / "bench/results/scaling.png"))
+    parser.add_argument("--stages", action="store_true", help="the assignment's stages per iteration")
+    parser.add_argument("--repeat", type=int, default=3, help="--stages: timed NMF iterations per size")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--backed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quiet_known_warnings("scaling.py")
+    if args.child:
+        import json
+
+        print(json.dumps(child(args.child[0], args.child[1], args.backed, not args.no_score)))
+        return None
+    if not args.stages:
+        args.sizes = args.sizes or SIZES
+        return models_table(args)
+    return stages_table(args)
+
+
+def stages_table(args):
     torch.set_num_threads(available_cores())
     base = comp565_A4.load_data(args.data_dir)
+    sizes = args.sizes or [2000, 10000, 50000, 100000]
     print("\nScaling: ms per iteration (cells resampled from the real data, counts thinned p=0.9)")
     cols = {"cells": "cells", "nmf_sse": "NMF-SSE", "nmf_psn": "NMF-Psn", "etm_step": "ETM fp32",
             "etm_step_bf16": "ETM bf16", "etm_step_bf16_minibatch": f"ETM mb{MINIBATCH}",
@@ -95,7 +337,7 @@ def main(argv=None):
     print("| " + " | ".join(cols.values()) + " |")
     print("|" + "---:|" * len(cols))
     rows = []
-    for n in args.sizes:
+    for n in sizes:
         row = time_size(resample(base, n), args.repeat)
         rows.append(row)
         print("| " + " | ".join(f"{row[c]:.0f}" for c in cols) + " |", flush=True)

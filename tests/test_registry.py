@@ -126,7 +126,7 @@ def test_unknown_name_lists_the_registered_ones():
 def test_config_overrides_unknown_fields_and_wrong_types():
     cls = get_model("nmf_psn")
     assert cls(niter=7).config.niter == 7 and cls().config.niter == 100
-    with pytest.raises(ValueError, match="NMFPoisson has no setting 'not_a_field'; its settings: k, niter"):
+    with pytest.raises(ValueError, match="NMFPoisson has no setting 'not_a_field'; its settings: batch_size, k, niter, solver"):
         cls(not_a_field=1)
     with pytest.raises(ValueError, match=r"NMFPoisson: niter='abc' must be a whole number"):
         cls(niter="abc")

@@ -91,7 +91,7 @@ class BackedCounts:
         if isinstance(index, tuple):  # X[rows, :] as scipy takes it
             rows, cols = index
             block = self[rows]
-            return block if cols == slice(None) else block[:, cols]
+            return block if isinstance(cols, slice) and cols == slice(None) else block[:, cols]
         if hasattr(index, "numpy"):  # a torch LongTensor
             index = index.numpy()
         if isinstance(index, slice):

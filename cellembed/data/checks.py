@@ -73,14 +73,45 @@ def checked_counts(matrix, path, where, cells, features, fix):
     if matrix.dtype.kind not in "biuf":
         raise DataError(f"{path}: {where} holds {matrix.dtype} values, not numbers; {fix}")
     X = sp.csr_matrix(matrix)
-    values, problem = count_problem(pd.DataFrame({"count": X.data}))
+    problem = stored_problem(X.data)
     if problem is not None:
-        kind, n, k, _ = problem
+        kind, n, k = problem
         i = int(np.searchsorted(X.indptr, k, side="right")) - 1  # the row of stored entry k
         what = "normalized values" if kind == "non-integer" else f"{kind} values"
-        raise DataError(f"{path}: {where} holds {what} ({n} entries, e.g. {values[k, 0]:g} at cell {cells[i]!r}, "
-                        f"feature {features[X.indices[k]]!r}), not raw counts; {fix}")
+        raise DataError(f"{path}: {where} holds {what} ({n} entries, e.g. {float(X.data[k]):g} at cell "
+                        f"{cells[i]!r}, feature {features[X.indices[k]]!r}), not raw counts; {fix}")
     return X.astype(np.float32)
+
+
+# Entries per float64 temporary of `stored_problem` (32 MiB): its memory does not grow with the data.
+CHECK_CHUNK = 2**22
+
+
+def stored_problem(values):
+    """The first reason the stored entries ``values`` (1-D) are not raw counts, as `count_problem` finds it.
+
+    The checks of `COUNT_CHECKS` in their order, each over ``CHECK_CHUNK`` entries at a time
+    (float64 temporaries of that size, not of the data's).
+
+    Returns
+    -------
+    None, or ``(kind, n, k)``: ``n`` entries fail the check ``kind``, the first is entry ``k``.
+    """
+    if values.dtype.kind in "bu":  # booleans and unsigned integers are counts
+        return None
+    for kind, test in COUNT_CHECKS:
+        if values.dtype.kind == "i" and kind != "negative":
+            continue  # integers are finite and whole
+        n, first = 0, None
+        for lo in range(0, values.size, CHECK_CHUNK):
+            hit = test(values[lo:lo + CHECK_CHUNK].astype(np.float64, copy=False))
+            count = int(np.count_nonzero(hit))
+            if count and first is None:
+                first = lo + int(np.argmax(hit))
+            n += count
+        if n:
+            return kind, n, first
+    return None
 
 
 def second_modality(matrix, path, where, cells, features, fix, normalized=None):
