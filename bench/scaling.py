@@ -226,6 +226,8 @@ def growth(sizes, values):
 
 def models_table(args):
     """Every model at every size: the table, the growth exponents and the figure."""
+    import json
+
     from cellembed.models import REGISTRY, get_model
 
     models = args.models or (STREAMING if args.million else list(REGISTRY))
@@ -241,9 +243,18 @@ def models_table(args):
         for name in models:
             joint = get_model(name).__name__ in ("JAE", "PCAJoint")  # two modalities
             path = work / f"{'cite' if joint else 'pbmc'}_{n}.h5ad"
-            if not path.exists():
-                (write_joint_cells if joint else write_cells)(args.data_root, n, path)
-            row = run_child(name, path, args.million, args.timeout, not args.no_score)
+            if not path.exists():  # written under another name first: a cut run leaves no half file
+                part = path.with_suffix(".part.h5ad")
+                (write_joint_cells if joint else write_cells)(args.data_root, n, part)
+                part.rename(path)
+            kept = work / f"{name}_{n}{'_backed' if args.million else ''}.json"  # --reuse reads it back
+            if args.reuse and kept.exists():
+                row = json.loads(kept.read_text())
+            else:
+                row = run_child(name, path, args.million, args.timeout, not args.no_score)
+                kept.write_text(json.dumps(row if row is not None else {"timeout": args.timeout}))
+            if row is not None and row.get("timeout"):
+                row = None
             results[name, n] = row
             if row is None:
                 print(f"| {name} | {n} | >{args.timeout} | | | | |", flush=True)
@@ -306,6 +317,8 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--million", action="store_true", help="1,000,000 cells from a backed .h5ad")
     parser.add_argument("--no-score", action="store_true", help="fit and embed only (no leaderboard scoring)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a (model, size) run's result from --work when an earlier run left it there")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per (model, size) run")
     parser.add_argument("--work", default="/tmp/cellembed-scaling", help="where the resampled .h5ad files go")
     parser.add_argument("--figure", default=str(ROOT / "bench/results/scaling.png"))
