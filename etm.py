@@ -311,7 +311,8 @@ class BatchETM(ETM):
         M genes.
     batch_index : array-like of int, shape (N,)
         Batch code (0..B-1) of every cell, in the order of the rows the model is trained on
-        (see `batch_codes`).
+        (see `batch_codes`); a call on a subset of the cells (a minibatch) passes their codes
+        to `forward` instead.
     num_topics : int
         K topics.
     t_hidden_size : int
@@ -349,7 +350,7 @@ class BatchETM(ETM):
         """alpha @ rho^T, shape (K, M): each topic's additive effect on the gene logits."""
         return self.alphas(self.rho.weight).T  # (K, M)
 
-    def logits(self, theta):
+    def logits(self, theta, batch_index=None):
         """Gene logits of every cell, ``theta @ alpha @ rho^T + lambda_b``, shape (N, M).
 
         Computed as one product ``[theta, onehot(b)] @ [alpha rho^T; lambda]`` (N x (K + B)
@@ -359,26 +360,46 @@ class BatchETM(ETM):
         Parameters
         ----------
         theta : Tensor, shape (N, K)
-            Topic proportions of the N cells the model holds batches for, in that order.
+            Topic proportions of the N cells the model holds batches for, in that order; or,
+            with ``batch_index``, of any n cells.
+        batch_index : Tensor of int64, shape (n,), optional
+            Batch codes of the rows of ``theta`` (a minibatch's cells); default: the buffer
+            ``batch_index``, every fit cell in order.
         """
-        assert theta.shape[0] == self.batch_index.shape[0], (
-            f"got {theta.shape[0]} cells, but the model holds batches for "
-            f"{self.batch_index.shape[0]}: BatchETM decodes all cells at once"
-        )
-        factors = torch.cat([theta, self.batch_onehot], dim=1)  # (N, K + B)
+        if batch_index is None:
+            assert theta.shape[0] == self.batch_index.shape[0], (
+                f"got {theta.shape[0]} cells, but the model holds batches for "
+                f"{self.batch_index.shape[0]}: BatchETM decodes all cells at once unless given their "
+                "batch_index"
+            )
+            onehot = self.batch_onehot  # (N, B)
+        else:
+            assert batch_index.shape == theta.shape[:1], (
+                f"batch_index of shape {tuple(batch_index.shape)} for {theta.shape[0]} cells; pass one code per cell"
+            )
+            onehot = nn.functional.one_hot(batch_index, self.batch_bias.shape[0]).float()  # (n, B)
+        factors = torch.cat([theta, onehot], dim=1)  # (N, K + B)
         return factors @ torch.cat([self.topic_logits(), self.batch_bias], dim=0)  # (N, M)
 
-    def forward(self, bows, normalized_bows):
+    def forward(self, bows, normalized_bows, batch_index=None):
         """Negative ELBO terms ``(nll, kl)``, means over cells, as `etm.ETM.forward`.
 
         ``nll = -mean_i sum_j x_ij log_softmax(logits_i)_j`` (with `logits`); the KL weight
         is the training loop's (``kl_weight``), not the module's.
+
+        Parameters
+        ----------
+        bows, normalized_bows :
+            As `etm.ETM.forward`: every fit cell in order, or, with ``batch_index``, any n cells.
+        batch_index : Tensor of int64, shape (n,), optional
+            Batch codes of these rows (a minibatch, `cellembed.models.scetm`); default: every
+            fit cell's, in order (the buffer ``batch_index``).
         """
         assert bows.shape[0] == normalized_bows.shape[0], (
             f"counts have {bows.shape[0]} cells but normalized counts {normalized_bows.shape[0]}"
         )
         theta, kl = self.get_theta(normalized_bows)  # (N, K)
-        return categorical_logits_nll(self.logits(theta), bows), kl
+        return categorical_logits_nll(self.logits(theta, batch_index), bows), kl
 
 
 @dataclass
