@@ -166,12 +166,13 @@ def write_joint_cells(data_root, n_cells, path, seed=0):
 def child(model_name, path, backed, score=True, seed=0):
     """One (model, file) run in this process: a dict of seconds, peak memory and scores."""
     from cellembed.evaluation.metrics import clustering_scores
-    from cellembed.models import get_model
+    from cellembed.runner import build, parse_models
 
     t0 = time.perf_counter()
     adata = anndata.read_h5ad(path, backed="r" if backed else None)
     load = time.perf_counter() - t0
-    model = get_model(model_name)(device="cpu") if get_model(model_name).uses_torch else get_model(model_name)()
+    _, name, options = parse_models([model_name], quick=False)[0]  # compare.py's spec: name[:key=value...]
+    model = build(name, options, False, "cpu")
     keys = {"labels_key": "Celltype", "batch_key": "batch" if "batch" in adata.obs else None}
     t0 = time.perf_counter()
     model.fit(adata, seed=seed, **keys)
@@ -241,7 +242,7 @@ def models_table(args):
           "---:|---:|", flush=True)
     for n in sizes:
         for name in models:
-            joint = get_model(name).__name__ in ("JAE", "PCAJoint")  # two modalities
+            joint = get_model(name.split(":")[0]).__name__ in ("JAE", "PCAJoint")  # two modalities
             path = work / f"{'cite' if joint else 'pbmc'}_{n}.h5ad"
             if not path.exists():  # written under another name first: a cut run leaves no half file
                 part = path.with_suffix(".part.h5ad")
@@ -312,8 +313,8 @@ def main(argv=None):
                         help="--stages: the course's data folder")
     parser.add_argument("--data-root", default=os.environ.get("A4_DATA_ROOT", str(ROOT.parent / "shared/data")),
                         help="the named data sets' folder (10x_pbmc)")
-    parser.add_argument("--models", nargs="+", default=None, help="registry names (default: all; --million: "
-                        + ", ".join(STREAMING) + ")")
+    parser.add_argument("--models", nargs="+", default=None, help="registry names, with settings as compare.py "
+                        "takes them (name:key=value:...; default: all; --million: " + ", ".join(STREAMING) + ")")
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--million", action="store_true", help="1,000,000 cells from a backed .h5ad")
     parser.add_argument("--no-score", action="store_true", help="fit and embed only (no leaderboard scoring)")
