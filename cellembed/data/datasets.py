@@ -167,16 +167,7 @@ def _load_backed(data, data_root, label_key, batch_key, layer, labels):
         raise DataError(f"{path}: --backed streams an .h5ad file; write the data as .h5ad (adata.write_h5ad) or "
                         "leave --backed out")
     rna = _read_h5ad(path, backed=True)
-    if labels is not None:
-        if label_key is not None:
-            raise DataError(f"{path}: pass --labels or --label-key, not both")
-        label_key = LABELS_CSV_COLUMN
-        rna.obs[label_key] = _read_labels(labels, rna.obs_names)
-    key = label_column(rna.obs, label_key, path)
-    if key is None:
-        warnings.warn(f"{path}: no label column (looked for {', '.join(LABEL_KEYS)}; obs has "
-                      f"{few(rna.obs.columns, 8) or 'no columns'}): embeddings and clusters without scores; "
-                      "pass --label-key COLUMN or --labels CSV to score them", DataWarning, stacklevel=4)
+    key = _label_key(rna, label_key, labels, path, stacklevel=5)
     adata = setup_anndata(rna, layer, key, batch_column(rna.obs, batch_key, path), where=str(path), flags=CLI_FLAGS)
     adata.uns["dataset"] = {"name": name, "path": str(path), "backed": True}
     return adata
@@ -361,6 +352,15 @@ def _from_anndata(rna, path, label_key, batch_key, layer, mod2=None, extra_obs=N
         adata.uns[MOD2_KEY] = {"modality": kind, "features": [str(f) for f in other.var_names],
                                "path": str(other_path), "normalized": normalized}
         _add_obs(adata, other.obs)
+    key = _label_key(adata, label_key, labels, path, stacklevel=5)
+    return finish(adata, path, key, batch_column(adata.obs, batch_key, path))
+
+
+def _label_key(adata, label_key, labels, path, stacklevel):
+    """The obs column of the labels: a ``--labels`` CSV's (added to ``adata.obs``), ``label_key``, or detected.
+
+    None, with a `DataWarning`, when the data have no labels.
+    """
     if labels is not None:
         if label_key is not None:
             raise DataError(f"{path}: pass --labels or --label-key, not both")
@@ -370,8 +370,8 @@ def _from_anndata(rna, path, label_key, batch_key, layer, mod2=None, extra_obs=N
     if key is None:
         warnings.warn(f"{path}: no label column (looked for {', '.join(LABEL_KEYS)}; obs has "
                       f"{few(adata.obs.columns, 8) or 'no columns'}): embeddings and clusters without scores; "
-                      "pass --label-key COLUMN or --labels CSV to score them", DataWarning, stacklevel=4)
-    return finish(adata, path, key, batch_column(adata.obs, batch_key, path))
+                      "pass --label-key COLUMN or --labels CSV to score them", DataWarning, stacklevel=stacklevel)
+    return key
 
 
 def _add_obs(adata, obs):
