@@ -160,28 +160,19 @@ import gc, json, sys
 import anndata, numpy as np, pandas as pd, scipy.sparse as sp
 from cellembed.models import get_model
 
-def mib(key):  # VmRSS (now) or VmHWM (peak since the reset) of this process, MiB
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
+sys.path.insert(0, "tests")  # run from the repository root
+from memory_child import mib, reset_peak, synthetic_counts
 
 name, options, path = json.loads(sys.argv[1])
 n, m, k = 100_000, 2_000, 200
-rng = np.random.default_rng(0)
-X = sp.csr_matrix((rng.geometric(0.3, n * k).astype(np.float32),
-                   (np.repeat(np.arange(n, dtype=np.int32), k), rng.integers(0, m, n * k).astype(np.int32))),
-                  shape=(n, m), dtype=np.float32)
+X = synthetic_counts(n, m, k)
 csr = (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 2**20
 anndata.AnnData(X, var=pd.DataFrame(index=[f"g{j}" for j in range(m)])).write_h5ad(path)
 del X
 small = anndata.read_h5ad(path, backed="r")
 get_model(name)(**options).fit(small[:1000].to_memory(), seed=0)  # imports and first allocations
 del small
-gc.collect()
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # the peak RSS becomes the current RSS
-baseline = mib("VmRSS")
+baseline = reset_peak()
 adata = anndata.read_h5ad(path, backed="r")
 z = get_model(name)(**options).fit(adata, seed=0).get_latent(adata)
 print(json.dumps({"csr": csr, "latent": list(z.shape), "fit": mib("VmHWM") - baseline}))

@@ -178,23 +178,11 @@ warnings.simplefilter("ignore")
 import anndata, numpy as np, pandas as pd, scipy.sparse as sp
 from cellembed.models import get_model
 
-def mib(key):  # VmRSS (now) or VmHWM (peak since the reset) of this process, MiB
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-def reset_peak():
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # the peak RSS becomes the current RSS
-    return mib("VmRSS")
+sys.path.insert(0, "tests")  # run from the repository root
+from memory_child import mib, reset_peak, synthetic_counts
 
 n, m, k = 50_000, 2_000, 100
-rng = np.random.default_rng(0)
-X = sp.csr_matrix((rng.geometric(0.3, n * k).astype(np.float32),
-                   (np.repeat(np.arange(n, dtype=np.int32), k), rng.integers(0, m, n * k).astype(np.int32))),
-                  shape=(n, m), dtype=np.float32)
+X = synthetic_counts(n, m, k)
 obs = pd.DataFrame({"batch": pd.Categorical(np.arange(n) % 2)}, index=[f"c{i}" for i in range(n)])
 adata = anndata.AnnData(X, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(m)]))
 small = adata[:1000].copy()

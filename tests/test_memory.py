@@ -185,26 +185,17 @@ warnings.simplefilter("ignore")
 import anndata, numpy as np, pandas as pd, scipy.sparse as sp
 from cellembed.models import get_model
 
-def mib(key):  # VmRSS (now) or VmHWM (peak since the reset) of this process, MiB
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
+sys.path.insert(0, "tests")  # run from the repository root
+from memory_child import mib, reset_peak, synthetic_counts
 
 name, options, fit_kw = json.loads(sys.argv[1])
 n, m, k = 20_000, 2_000, 100
-rng = np.random.default_rng(0)
-X = sp.csr_matrix((rng.geometric(0.3, n * k).astype(np.float32),
-                   (np.repeat(np.arange(n, dtype=np.int32), k), rng.integers(0, m, n * k).astype(np.int32))),
-                  shape=(n, m), dtype=np.float32)
+X = synthetic_counts(n, m, k)
 adata = anndata.AnnData(X, var=pd.DataFrame(index=[f"g{j}" for j in range(m)]))
 small = adata[:1000].copy()
 get_model(name)(epochs=1, device="cpu", **options).fit(small, seed=0, **fit_kw).get_latent(small)
 del small
-gc.collect()
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # the peak RSS becomes the current RSS
-baseline = mib("VmRSS")
+baseline = reset_peak()
 model = get_model(name)(epochs=1, device="cpu", **options).fit(adata, seed=0, **fit_kw)
 z = model.get_latent(adata)
 fit = mib("VmHWM")
