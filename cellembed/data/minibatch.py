@@ -55,6 +55,19 @@ def scaled_epochs(epochs, n_cells):
     return max(1, round(epochs * EPOCHS_DECAY_CELLS / n_cells))
 
 
+def check_solver(config, solvers, what=""):
+    """ValueError unless ``config.solver`` is one of ``solvers`` and ``config.batch_size`` is positive.
+
+    The check of the full-batch / minibatch switch of the models whose source trains full-batch
+    (the NMFs, the ETMs), run by their config's ``__post_init__``; ``what`` prefixes the message.
+    """
+    if config.solver not in solvers:
+        raise ValueError(f"{what}solver={config.solver!r}; use one of {', '.join(map(repr, solvers))}")
+    if config.batch_size < 1:
+        raise ValueError(f"{what}batch_size={config.batch_size}; use a positive number of cells, e.g. "
+                         f"{type(config).batch_size}")
+
+
 def embed_batch_size(n_genes):
     """Rows per batch of `cellembed.training.predict` on `SparseRows` of ``n_genes`` columns.
 

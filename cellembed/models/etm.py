@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellembed.evaluation.scoring import NoScorer, PerfRecorder
+from cellembed.data.minibatch import check_solver
 from cellembed.models.base import Model
 
 SOLVERS = ("auto", "full", "minibatch")
@@ -44,10 +45,7 @@ class Minibatching:
     batch_size: int = 2000
 
     def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver={self.solver!r}; use one of {', '.join(map(repr, SOLVERS))}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}; use a positive number of cells, e.g. 2000")
+        check_solver(self, SOLVERS)
 
 
 @dataclass

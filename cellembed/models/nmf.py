@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellembed.evaluation.scoring import NoScorer
+from cellembed.data.minibatch import check_solver
 from cellembed.models.base import Model
 
 SOLVERS = ("auto", "mu", "minibatch")
@@ -54,10 +55,7 @@ class NMFConfig:
     batch_size: int = 4096
 
     def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"nmf: solver={self.solver!r}; use one of {', '.join(map(repr, SOLVERS))}")
-        if self.batch_size < 1:
-            raise ValueError(f"nmf: batch_size={self.batch_size}; use a positive number of cells, e.g. 4096")
+        check_solver(self, SOLVERS, "nmf: ")
 
 
 def resolve_solver(solver, n_cells):
