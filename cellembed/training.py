@@ -108,8 +108,8 @@ def shard(rows, rank, world_size):
 
 
 def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, lr_schedule=None,
-          kl_weight=None, clip_norm=None, valid_fraction=0.0, valid_data=None, patience=None, on_epoch=None,
-          desc="train", drop_last=False, distributed=False):
+          kl_weight=None, clip_norm=None, valid_fraction=0.0, valid_data=None, valid_batch_size=None,
+          patience=None, on_epoch=None, desc="train", drop_last=False, distributed=False):
     """Train ``module`` on ``data`` for up to ``epochs`` epochs; returns the history.
 
     Parameters
@@ -138,6 +138,10 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
     valid_data : tuple of Tensor, optional
         A validation set of its own (tensors laid out as ``data``, e.g. a stratified split made
         by the caller), instead of ``valid_fraction``: its loss is logged every epoch.
+    valid_batch_size : int, optional
+        Compute the validation loss over row chunks of this many rows, weighted by their size
+        (the mean of a loss that is a mean over rows), e.g. for `SparseRows` validation data that
+        is made dense one chunk at a time; None: one batch of every validation row.
     patience : int, optional
         With a validation split or set: stop when its loss has not improved for this many epochs,
         and restore the parameters of the best epoch.
@@ -226,9 +230,7 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
             if replicas is not None:
                 rows, share = shard(torch.arange(valid_data[0].shape[0]), *replicas)
                 batch = tuple(t[rows] for t in valid_data)
-            with torch.no_grad():
-                valid_loss, _ = loss_fn(module, tuple(t.to(device) for t in batch), weight)
-            row["valid_loss"] = float(valid_loss)
+            row["valid_loss"] = _valid_loss(module, loss_fn, batch, weight, device, valid_batch_size)
             if replicas is not None:
                 row["valid_loss"] = _all_sum([share * row["valid_loss"]], device)[0]
             if row["valid_loss"] < best:
@@ -251,6 +253,20 @@ def train(module, loss_fn, data, optimizer, *, epochs, batch_size=None, seed=0, 
         module.load_state_dict(best_state)
     module.eval()
     return history
+
+
+@torch.no_grad()
+def _valid_loss(module, loss_fn, batch, weight, device, chunk=None):
+    """``loss_fn``'s loss of every row of ``batch`` (a float): in one call, or over row chunks
+    of ``chunk`` rows weighted by their share of the rows (`train`'s ``valid_batch_size``)."""
+    n_rows = batch[0].shape[0]
+    if chunk is None or chunk >= n_rows:
+        return float(loss_fn(module, tuple(t[:n_rows].to(device) for t in batch), weight)[0])
+    total = 0.0
+    for start in range(0, n_rows, chunk):
+        part = tuple(t[start:start + chunk].to(device) for t in batch)
+        total += float(loss_fn(module, part, weight)[0]) * part[0].shape[0] / n_rows
+    return total
 
 
 def _replicas(distributed, module, seed, desc):

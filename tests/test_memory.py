@@ -92,6 +92,28 @@ def test_sparse_rows_serve_the_dense_rows_in_order():
         SparseRows(X.toarray())
 
 
+def test_validation_loss_over_row_chunks_is_the_one_shot_loss():
+    # train(valid_batch_size=...) makes a SparseRows validation set dense one chunk at a time
+    from cellembed.training import train
+
+    X = random_counts(60, 9, 0.4)
+    y = torch.arange(60) % 3
+
+    def loss_fn(module, batch, kl_weight):
+        return torch.nn.functional.cross_entropy(module(batch[0]), batch[1]), {}
+
+    histories = []
+    for chunk in (None, 7):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(9, 3)
+        histories.append(train(net, loss_fn, (SparseRows(X[:40]), y[:40]), torch.optim.Adam(net.parameters()),
+                               epochs=3, batch_size=8, valid_data=(SparseRows(X[40:]), y[40:]),
+                               valid_batch_size=chunk))
+    one_shot, chunked = ([row["valid_loss"] for row in h] for h in histories)
+    assert one_shot[0] != one_shot[-1]  # training moved it
+    np.testing.assert_allclose(chunked, one_shot, rtol=1e-6)
+
+
 def grads(module, loss_fn, batch, seed=0):
     """The gradient of ``loss_fn(module, batch, 1.0)`` (seeded draws), flattened."""
     module.zero_grad()

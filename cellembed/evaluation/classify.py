@@ -10,6 +10,12 @@ we keep the parameters of the epoch with the lowest validation loss and stop onc
 improved for ``patience`` epochs (early stopping on the validation split; ``patience=None``
 gives the source's fixed 100 epochs). Scores on the test split: accuracy, balanced accuracy,
 macro F1.
+
+Memory grows with the batch, not with the cells: the raw counts stay CSR and each minibatch's
+dense rows are built when it is drawn (`cellembed.data.minibatch.SparseRows`; the validation
+loss and the test predictions in row chunks), and the PCA inputs come from the sparse counts
+scaled per gene, centred implicitly by ARPACK (no dense N x M array, unlike the source's
+StandardScaler on a dense matrix; the components are the same to the solver's tolerance).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import matplotlib
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from sklearn.decomposition import PCA
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
@@ -25,8 +32,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from cellembed.data.checks import LABEL_KEY
+from cellembed.data.minibatch import SparseRows, embed_batch_size
 from cellembed.outputs import atomic_path, prepare_dir, save_figure, write_csv
-from cellembed.preprocessing import dense
 from cellembed.training import predict, seed_everything, train
 
 matplotlib.use("Agg")
@@ -77,7 +84,8 @@ def fit_classifier(x, y, split, seed, *, epochs=EPOCHS, batch_size=BATCH_SIZE, l
 
     Parameters
     ----------
-    x : ndarray, shape (N, D)
+    x : ndarray, shape (N, D), or scipy.sparse.csr_matrix (N, D)
+        Sparse rows (the raw counts) are made dense one minibatch at a time.
     y : ndarray of int, shape (N,)
         Class codes 0..C-1.
     split : tuple of 3 int ndarrays
@@ -94,14 +102,26 @@ def fit_classifier(x, y, split, seed, *, epochs=EPOCHS, batch_size=BATCH_SIZE, l
     """
     train_rows, valid_rows, test_rows = split
     seed_everything(seed)
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float32)
+
+        def rows(index):  # (n, D) rows built per batch
+            return SparseRows(x[index])
+        chunk = embed_batch_size(x.shape[1])
+    else:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+        def rows(index):
+            return x[index]
+        chunk = None
     y = torch.as_tensor(np.asarray(y, dtype=np.int64))
     net = classifier(x.shape[1], int(y.max()) + 1, hidden)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    history = train(net, _cross_entropy, (x[train_rows], y[train_rows]), optimizer, epochs=epochs,
-                    batch_size=batch_size, seed=seed, valid_data=(x[valid_rows], y[valid_rows]),
-                    patience=patience, desc="classifier")
-    predicted = predict(net, x[test_rows]).argmax(1)
+    history = train(net, _cross_entropy, (rows(train_rows), y[train_rows]), optimizer, epochs=epochs,
+                    batch_size=batch_size, seed=seed, valid_data=(rows(valid_rows), y[valid_rows]),
+                    valid_batch_size=chunk, patience=patience, desc="classifier")
+    test = rows(test_rows)
+    predicted = predict(net, test, **({} if chunk is None else {"batch_size": chunk})).argmax(1)
     truth = y[test_rows].numpy()
     return {"accuracy": float(accuracy_score(truth, predicted)),
             "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
@@ -110,16 +130,27 @@ def fit_classifier(x, y, split, seed, *, epochs=EPOCHS, batch_size=BATCH_SIZE, l
 
 
 def pca_inputs(X, ks=PCA_KS, seed=0):
-    """PCA of the standardized counts (StandardScaler, as the source), the first k components for each k.
+    """PCA of the standardized counts (the source's StandardScaler), the first k components for each k.
+
+    The counts stay sparse: each gene is divided by its standard deviation (StandardScaler's,
+    ddof 0; 1 for a constant gene) and ARPACK centres them implicitly.
+
+    Parameters
+    ----------
+    X : scipy.sparse matrix or ndarray, shape (N, M)
+        Raw counts.
+    seed : int
+        ARPACK's starting vector.
 
     Returns
     -------
     dict
-        k -> ndarray (N, k); k above min(N, M) - 1 is left out.
+        k -> ndarray (N, k) float64; k above min(N, M) - 1 is left out.
     """
-    Z = StandardScaler().fit_transform(dense(X, np.float64))
-    k_max = min(max(ks), min(Z.shape) - 1)
-    scores = PCA(n_components=k_max, svd_solver="randomized", random_state=seed).fit_transform(Z)
+    X = sp.csr_matrix(X, dtype=np.float64)  # (N, M); float64 as StandardScaler's output
+    scaled = X @ sp.diags(1.0 / StandardScaler(with_mean=False).fit(X).scale_)  # (N, M) CSR
+    k_max = min(max(ks), min(X.shape) - 1)
+    scores = PCA(n_components=k_max, svd_solver="arpack", random_state=seed).fit_transform(scaled)
     return {k: scores[:, :k] for k in ks if k <= k_max}
 
 
@@ -152,7 +183,7 @@ def classification_study(adata, latents, seeds, out_dir, **options):
     names = adata.obs[LABEL_KEY].astype("category")
     y = names.cat.codes.to_numpy()
     classes = list(names.cat.categories)
-    inputs = [("raw", "counts", dense(adata.X))]
+    inputs = [("raw", "counts", sp.csr_matrix(adata.X, dtype=np.float32))]
     inputs += [("pca", str(k), z) for k, z in pca_inputs(adata.X).items()]
     rows, predictions = [], {}
     for seed in seeds:
@@ -160,7 +191,8 @@ def classification_study(adata, latents, seeds, out_dir, **options):
         per_seed = inputs + [("latent", label, np.asarray(by_seed[seed]))
                              for label, by_seed in latents.items() if seed in by_seed]
         for kind, variant, x in per_seed:
-            assert x.shape[0] == y.size and np.isfinite(x).all(), f"{kind} {variant}: bad input of shape {x.shape}"
+            values = x.data if sp.issparse(x) else x
+            assert x.shape[0] == y.size and np.isfinite(values).all(), f"{kind} {variant}: bad input of shape {x.shape}"
             result = fit_classifier(x, y, split, seed, **options)
             predictions.setdefault((kind, variant), (y[split[2]], result.pop("predicted")))
             rows.append({"input": kind, "variant": variant, "seed": seed, **result})
