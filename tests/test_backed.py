@@ -57,6 +57,18 @@ def test_a_backed_fit_gives_the_in_memory_latent_bit_for_bit(demo_file, name, op
         np.testing.assert_array_equal(streamed.predict(backed), model.predict(memory))
 
 
+def test_a_backed_gmvae_chooses_the_in_memory_variable_genes(demo_file, monkeypatch):
+    # more genes than n_top_genes: scanpy's seurat HVG on a dask array of chunks read from the file
+    monkeypatch.setattr("cellembed.data.backed.CHUNK_VALUES", 100 * 2000)  # 5 chunks of 100 cells
+    options = {"epochs": 2, "warmup": 1, "hidden": (32,), "latent": 4, "n_top_genes": 500}
+    memory = anndata.read_h5ad(demo_file)
+    model = get_model("gmvae")(device="cpu", **options).fit(memory, seed=1, n_clusters=4)
+    streamed = get_model("gmvae")(device="cpu", **options).fit(open_backed(demo_file), seed=1, n_clusters=4)
+    assert model.genes_.size == 500
+    np.testing.assert_array_equal(streamed.genes_, model.genes_)
+    np.testing.assert_array_equal(streamed.get_latent(open_backed(demo_file)), model.get_latent(memory))
+
+
 def test_a_backed_pca_is_the_in_memory_pca_and_scanpys(demo_file):
     import scanpy as sc
 

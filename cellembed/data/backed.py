@@ -121,6 +121,32 @@ class BackedCounts:
         for start in range(0, self.shape[0], rows):
             yield start, self[start:start + rows]
 
+    def to_dask(self, transform=None):
+        """A lazy dask array (N, M) of CSR float32 row chunks, each read from disk when computed.
+
+        For a library that takes dask arrays (scanpy's ``highly_variable_genes``): computed with
+        dask's synchronous scheduler, it holds one chunk at a time.
+
+        Parameters
+        ----------
+        transform : callable, optional
+            ``CSR (B, M) -> CSR (B, M)`` float32 applied to each chunk (e.g. a row-wise
+            normalization, which gives each row its value in the transform of every cell).
+        """
+        import dask
+        import dask.array as da
+
+        def read(start, stop):
+            block = self[start:stop]
+            return block if transform is None else transform(block)
+
+        meta = sp.csr_matrix((0, 0), dtype=np.float32)
+        rows = chunk_rows(self.shape[1])
+        parts = [da.from_delayed(dask.delayed(read)(start, min(start + rows, self.shape[0])), meta=meta,
+                                 shape=(min(rows, self.shape[0] - start), self.shape[1]), dtype=np.float32)
+                 for start in range(0, self.shape[0], rows)]
+        return da.concatenate(parts)
+
     def sum(self, axis=None):
         """Row (axis=1, (N, 1)) or column (axis=0, (1, M)) sums, float64, as a numpy matrix like scipy's."""
         if axis == 1:

@@ -78,7 +78,6 @@ import torch
 from torch import nn
 
 from cellembed.data.backed import BackedCounts, counts as counts_of
-from cellembed.data.checks import DataError
 from cellembed.data.minibatch import SparseRows, embed_batch_size, log1p_rows, scaled_epochs
 from cellembed.likelihoods import nb_log_prob
 from cellembed.preprocessing import library_sizes, log_normalize_sparse
@@ -271,17 +270,18 @@ class GMVAE(Model):
         """
         if X.shape[1] <= self.config.n_top_genes:
             return np.arange(X.shape[1])
-        if isinstance(X, BackedCounts):
-            raise DataError(f"adata: backed, with {X.shape[1]} genes, more than n_top_genes={self.config.n_top_genes}: "
-                            "the most variable genes are chosen in memory; subset the file to those genes first "
-                            "(sc.pp.highly_variable_genes on a sample), or pass n_top_genes >= the genes")
         import anndata
+        import dask
         import scanpy as sc
 
-        lognorm = anndata.AnnData(log_normalize_sparse(X))  # CSR: scanpy's HVG reads it sparse
-        hvg = sc.pp.highly_variable_genes(lognorm, n_top_genes=self.config.n_top_genes, flavor="seurat",
-                                          inplace=False)
-        return np.flatnonzero(hvg["highly_variable"].to_numpy())
+        if isinstance(X, BackedCounts):  # scanpy on a dask array of log-normalized chunks read from disk
+            lognorm = X.to_dask(log_normalize_sparse)
+        else:
+            lognorm = log_normalize_sparse(X)  # CSR: scanpy's HVG reads it sparse
+        with dask.config.set(scheduler="synchronous"):  # one chunk in memory at a time
+            hvg = sc.pp.highly_variable_genes(anndata.AnnData(lognorm), n_top_genes=self.config.n_top_genes,
+                                              flavor="seurat", inplace=False)
+        return np.flatnonzero(np.asarray(hvg["highly_variable"]))
 
     def _tensors(self, X):
         """Encoder input ``log1p`` of the counts (N, G), the counts (N, G), rows built per batch
