@@ -174,6 +174,73 @@ def test_defaults_are_the_reports():
     assert get_model("ae").Config().likelihood == "mse" and cfg.scale_epochs
 
 
+def layer_shapes(module):
+    """(in, out) of every Linear layer and the activations, in order: ``["Linear(4, 8)", "ReLU", ...]``."""
+    return [f"Linear({m.in_features}, {m.out_features})" if isinstance(m, torch.nn.Linear) else type(m).__name__
+            for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.ReLU))]
+
+
+@pytest.mark.parametrize("kind,encoder,decoder,changes", [
+    # deepAutoencoder.py: fc1-fc4 13714-128-32-16-6, z = fc4(h3) linear; decoder fc5-fc8 mirrored
+    ("ae", ["Linear(13714, 128)", "Linear(128, 32)", "ReLU", "Linear(32, 16)", "ReLU", "Linear(16, 6)"],
+     ["Linear(6, 16)", "ReLU", "Linear(16, 32)", "ReLU", "Linear(32, 128)", "ReLU", "Linear(128, 13714)"],
+     {"batch_size": 240, "code_relu": False}),
+    # betaVAE.py: h1 = fc1(x), h2 = relu(fc2(h1)), mu / logvar = fc31 / fc32(h2); decoder fc4m-fc1m 80-400-800
+    ("vae", ["Linear(13714, 800)", "Linear(800, 400)", "ReLU", "Linear(400, 6)", "Linear(400, 6)"],
+     ["Linear(6, 80)", "ReLU", "Linear(80, 400)", "ReLU", "Linear(400, 800)", "ReLU", "Linear(800, 13714)"],
+     {"batch_size": 240, "hidden": (800, 400), "decoder_hidden": (80, 400, 800)}),
+    # betaVSC.py: h0 = relu(fc1(x)), h1 = relu(fc2(h0)), three heads; train_VSC: beta=1
+    ("vsc", ["Linear(13714, 800)", "ReLU", "Linear(800, 400)", "ReLU", "Linear(400, 6)", "Linear(400, 6)",
+             "Linear(400, 6)"],
+     ["Linear(6, 80)", "ReLU", "Linear(80, 400)", "ReLU", "Linear(400, 800)", "ReLU", "Linear(800, 13714)"],
+     {"batch_size": 240, "hidden": (800, 400), "decoder_hidden": (80, 400, 800), "first_relu": True,
+      "beta": 1.0})])
+def test_the_code_recipe_is_the_reports_public_code(kind, encoder, decoder, changes):
+    import dataclasses
+
+    model = get_model(kind)(recipe="code")
+    report = get_model(kind).Config()
+    changed = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(report)
+               if getattr(model.config, f.name) != getattr(report, f.name)}
+    assert changed == changes  # everything else (latent 6, lr, epochs, z-scored input) is the report's
+    model.var_names_ = [f"g{j}" for j in range(13714)]  # PBMC 3k's genes, as the code hard-codes
+    module = model._build_module()
+    assert layer_shapes(module.encoder) == encoder and layer_shapes(module.decoder) == decoder
+    over = get_model(kind)(recipe="code", batch_size=64).config  # settings on top of the recipe
+    assert over.batch_size == 64 and over.hidden == model.config.hidden
+    x = torch.randn(3, 13714)
+    h = module.encoder.branches[0](module.encoder.trunk(x))
+    if kind == "ae":  # the code's linear z, negative values kept
+        torch.testing.assert_close(module.encode(x)["z"], h)
+        assert (h < 0).any()
+
+
+def test_a_code_recipe_model_saves_loads_and_parses_from_the_command_line(tmp_path):
+    from cellembed.runner import parse_models
+
+    assert parse_models(["vsc:recipe=code"])[0][2] == {"recipe": "code"}
+    adata = make_counts(n_per_type=20)
+    model = get_model("vsc")(recipe="code", hidden=(16, 8), decoder_hidden=(4, 8), latent=3, epochs=2,
+                             precision="fp32").fit(adata, seed=0)
+    model.save(tmp_path / "vsc")
+    loaded = get_model("vsc").load(tmp_path / "vsc", device="cpu")
+    assert loaded.config == model.config and loaded.config.first_relu and loaded.config.beta == 1.0
+    np.testing.assert_array_equal(loaded.get_latent(adata), model.get_latent(adata))
+
+
+def test_recipes_are_checked():
+    with pytest.raises(ValueError, match="recipe='paper'; use 'report'"):
+        get_model("ae")(recipe="paper")
+    with pytest.raises(ValueError, match="hidden=.8, 4, 2, 1.: give 3 encoder widths"):
+        AutoencoderModule(12, (8, 4, 2, 1), 3, "ae", "mse")
+    # the report recipe's module is the one it always was: same layers, same initial weights
+    torch.manual_seed(0)
+    before = AutoencoderModule(12, (16, 8, 4), 3, "vae", "mse")
+    assert layer_shapes(before.decoder) == ["Linear(3, 4)", "ReLU", "Linear(4, 8)", "ReLU", "Linear(8, 16)", "ReLU",
+                                            "Linear(16, 12)"]
+    assert sorted(before.state_dict()) == sorted(tiny_module("vae").state_dict())
+
+
 def test_vsc_refuses_the_count_likelihood_and_bad_options():
     adata = make_counts(n_per_type=5)
     with pytest.raises(ValueError, match="vsc supports likelihood='mse' only"):

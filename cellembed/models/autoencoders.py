@@ -26,9 +26,16 @@ and the spike is sampled through the relaxation ``sigmoid(c (eta + gamma - 1))``
 with ``c`` rising from 50 by 0.001 per step (Tonolini's warm-up of c, here advanced once per
 epoch by the epoch's number of steps, so the module never counts steps).
 
-Where the report's public code differs, we follow the report (the issue's ruling): the code's
-encoder is 13714-800-400 (the report's 128-32-16), its VSC trains with beta = 1 (the report's
-beta = 2), its batch is 240 (the report's 256).
+Where the report's public code differs, the default follows the report's text; ``recipe="code"``
+(``ae:recipe=code`` in compare.py; `AEConfig.code_recipe`) builds what the public code
+(``deepAutoencoder.py``, ``betaVAE.py``, ``betaVSC.py``, ``run_experiments.py.ipynb``) trains:
+
+- ``ae``: the same widths, but a linear code ``z = W4 h3`` (the report's text: ``ReLU``, which can
+  leave code units dead), batch 240;
+- ``vae``: encoder ``13714-800-400`` (``h1`` linear, ``h2`` ReLU) with ``mu`` and ``log sigma^2``
+  straight from the 400 units (no 16-unit branch), decoder ``6 -> 80 -> 400 -> 800 -> M``, batch 240;
+- ``vsc``: as the code's VAE with a ReLU after the first layer too, and beta = 1 (``train_VSC``
+  calls the loss with ``beta=1``), batch 240.
 
 Going beyond the source: ``likelihood="nb"`` (``ae`` and ``vae``) reads the raw counts instead
 (encoder input ``log1p(x)``), and the decoder gives gene proportions (softmax) times the cell's
@@ -84,20 +91,31 @@ class Encoder(nn.Module):
     ----------
     n_in : int
         M input genes.
-    hidden : tuple of 3 int
-        Widths (report: 128, 32, 16).
+    hidden : tuple of 2 or 3 int
+        Widths (report: 128, 32, 16). With 3, the last is the width of each head's ReLU branch;
+        with 2 (the public code's VAE and VSC: 800, 400), every head is one linear map of the
+        second layer.
     latent : int
         d, the width of every head.
     n_heads : int
         1 (AE: z), 2 (VAE: mu, log sigma^2) or 3 (VSC: mu, log sigma^2, log spike).
+    first_relu : bool
+        A ReLU after the first layer too (the public code's VSC).
     """
 
-    def __init__(self, n_in, hidden, latent, n_heads):
+    def __init__(self, n_in, hidden, latent, n_heads, first_relu=False):
         super().__init__()
-        h1, h2, h3 = hidden
-        self.trunk = nn.Sequential(nn.Linear(n_in, h1), nn.Linear(h1, h2), nn.ReLU())
-        self.branches = nn.ModuleList(
-            nn.Sequential(nn.Linear(h2, h3), nn.ReLU(), nn.Linear(h3, latent)) for _ in range(n_heads))
+        if len(hidden) not in (2, 3):
+            raise ValueError(f"hidden={tuple(hidden)}: give 3 encoder widths (the report's 128, 32, 16) or 2 "
+                             "(the public code's 800, 400)")
+        h1, h2 = hidden[:2]
+        first = [nn.Linear(n_in, h1)] + ([nn.ReLU()] if first_relu else [])
+        self.trunk = nn.Sequential(*first, nn.Linear(h1, h2), nn.ReLU())
+        if len(hidden) == 3:
+            self.branches = nn.ModuleList(
+                nn.Sequential(nn.Linear(h2, hidden[2]), nn.ReLU(), nn.Linear(hidden[2], latent)) for _ in range(n_heads))
+        else:
+            self.branches = nn.ModuleList(nn.Linear(h2, latent) for _ in range(n_heads))
 
     def forward(self, x):
         """x (B, M) -> tuple of n_heads tensors (B, d)."""
@@ -112,26 +130,35 @@ class AutoencoderModule(nn.Module):
     ----------
     n_genes : int
         M.
-    hidden : tuple of 3 int
-        Encoder widths; the decoder mirrors them.
+    hidden : tuple of 2 or 3 int
+        Encoder widths (`Encoder`).
     latent : int
         d.
     kind : {"ae", "vae", "vsc"}
     likelihood : {"mse", "nb"}
         "nb": the decoder's output is gene logits (softmax times library size = NB mean), with
         a learned log inverse dispersion per gene.
+    decoder_hidden : tuple of int, optional
+        The decoder's hidden widths, from the latent out (the public code's VAE: 80, 400, 800);
+        default the encoder's in reverse (the report: 16, 32, 128).
+    code_relu : bool
+        The AE's code is ``ReLU(W4 h3)`` (the report's text); False: linear (its public code).
+    first_relu : bool
+        `Encoder`'s.
     """
 
-    def __init__(self, n_genes, hidden, latent, kind, likelihood):
+    def __init__(self, n_genes, hidden, latent, kind, likelihood, decoder_hidden=None, code_relu=True,
+                 first_relu=False):
         super().__init__()
         assert kind in ("ae", "vae", "vsc"), f"unknown kind {kind!r}"
         assert likelihood in ("mse", "nb"), f"likelihood must be 'mse' or 'nb', got {likelihood!r}"
-        self.kind, self.likelihood = kind, likelihood
-        self.encoder = Encoder(n_genes, hidden, latent, {"ae": 1, "vae": 2, "vsc": 3}[kind])
-        h1, h2, h3 = hidden
-        self.decoder = nn.Sequential(
-            nn.Linear(latent, h3), nn.ReLU(), nn.Linear(h3, h2), nn.ReLU(), nn.Linear(h2, h1), nn.ReLU(),
-            nn.Linear(h1, n_genes))
+        self.kind, self.likelihood, self.code_relu = kind, likelihood, code_relu
+        self.encoder = Encoder(n_genes, hidden, latent, {"ae": 1, "vae": 2, "vsc": 3}[kind], first_relu)
+        layers, width = [], latent
+        for out in (decoder_hidden or tuple(reversed(hidden))):  # ReLU after every hidden layer
+            layers += [nn.Linear(width, out), nn.ReLU()]
+            width = out
+        self.decoder = nn.Sequential(*layers, nn.Linear(width, n_genes))
         if likelihood == "nb":
             self.log_theta = nn.Parameter(torch.zeros(n_genes))  # scVI: per-gene, exp(0) = 1 at start
 
@@ -141,8 +168,8 @@ class AutoencoderModule(nn.Module):
         ``z`` (AE); ``mu``, ``logvar`` (VAE); ``mu``, ``logvar``, ``log_spike`` (VSC, ``<= 0``).
         """
         heads = self.encoder(x)
-        if self.kind == "ae":
-            return {"z": F.relu(heads[0])}  # report 2.4.1: z = ReLU(W4 h3 + b4)
+        if self.kind == "ae":  # report 2.4.1: z = ReLU(W4 h3 + b4); its code: z = W4 h3 + b4
+            return {"z": F.relu(heads[0]) if self.code_relu else heads[0]}
         out = {"mu": heads[0], "logvar": heads[1]}
         if self.kind == "vsc":
             out["log_spike"] = -F.relu(-heads[2])  # log gamma <= 0 (Tonolini's code), gamma <= 1
@@ -270,6 +297,22 @@ class AEConfig:
     lr: float = 1e-3  # report 3, Adam
     target_sum: float = 1e4  # report 1.3, Seurat's LogNormalize scale factor
     precision: str = "auto"  # "auto": bfloat16 where the CPU has it (speed), else "fp32"; or "bf16"
+    # where the report's public code differs (module docstring; recipe="code" sets these):
+    decoder_hidden: tuple = ()  # decoder widths from the latent out; () = hidden reversed (report 2.4)
+    code_relu: bool = True  # report 2.4.1: z = ReLU(W4 h3 + b4) (AE; its code: linear)
+    first_relu: bool = False  # report 2.4: h1 = W1 x, no activation (its VSC code: ReLU)
+
+    @classmethod
+    def code_recipe(cls, kind, **overrides):
+        """The settings of the report's public code for ``kind`` ("ae", "vae", "vsc"), then ``overrides``."""
+        code = {"batch_size": 240}  # run_experiments.py.ipynb: DataLoader(batch_size=240)
+        if kind == "ae":
+            code["code_relu"] = False  # deepAutoencoder.py: z = self.fc4(h3)
+        else:  # betaVAE.py, betaVSC.py: fc1 13714 -> 800, fc2 800 -> 400, heads from 400; decoder 80-400-800
+            code.update(hidden=(800, 400), decoder_hidden=(80, 400, 800))
+        if kind == "vsc":
+            code.update(first_relu=True, beta=1.0)  # betaVSC.py: h0 = relu(fc1(x)); train_VSC: beta=1
+        return cls(**{**code, **overrides})
 
 
 @dataclasses.dataclass
@@ -288,6 +331,9 @@ class VSCConfig(VAEConfig):
     c_delta: float = 1e-3  # Tonolini's code: c += 0.001 per training step
 
 
+RECIPES = ("report", "code")
+
+
 class AE(Model):
     """The report's deep autoencoder (report 2.4.1); see the module docstring.
 
@@ -301,6 +347,18 @@ class AE(Model):
     kind = "ae"
     streams_backed = True
     quick = {"epochs": 2}  # compare.py --quick: a smoke run
+
+    def __init__(self, config=None, device="auto", recipe="report", **overrides):
+        """As `Model`'s; ``recipe="code"`` starts from `AEConfig.code_recipe` (the report's public
+        code) instead of the report's text, ``overrides`` then set on top."""
+        if recipe not in RECIPES:
+            raise ValueError(f"{type(self).__name__}: recipe={recipe!r}; use 'report' (the report's text) or "
+                             "'code' (its public code)")
+        if recipe == "code":
+            if config is not None:
+                raise ValueError(f"{type(self).__name__}: pass recipe='code' or a config, not both")
+            config = self.Config.code_recipe(self.kind)
+        super().__init__(config, device, **overrides)
 
     def _inputs(self, X, fit=False):
         """`make_loss`'s batch layout for every cell, rows built per batch: ``(x,)``, the z-scored
@@ -335,7 +393,8 @@ class AE(Model):
     def _build_module(self):
         """A new `AutoencoderModule` for the M genes of ``var_names_`` (random weights, CPU)."""
         cfg = self.config
-        return AutoencoderModule(len(self.var_names_), tuple(cfg.hidden), cfg.latent, self.kind, cfg.likelihood)
+        return AutoencoderModule(len(self.var_names_), tuple(cfg.hidden), cfg.latent, self.kind, cfg.likelihood,
+                                 tuple(cfg.decoder_hidden), cfg.code_relu, cfg.first_relu)
 
     def _fit(self, data, seed):
         """Train on every cell of ``data`` (checked: N x M raw counts in ``X``)."""
