@@ -40,11 +40,14 @@ def protocol_scores(latent, labels, seed):
 def parse_options(model_cls, text):
     """``"field=value;field=value"`` as config overrides of ``model_cls``, each value as its field's type.
 
-    ``hidden=64-32-16`` gives the tuple (64, 32, 16).
+    ``hidden=64-32-16`` gives the tuple (64, 32, 16); ``recipe=code`` the public code's recipe.
     """
     fields = {f.name: f for f in dataclasses.fields(model_cls.Config)}
     options = {}
     for key, _, value in (kv.partition("=") for kv in text.split(";") if kv):
+        if key == "recipe":  # "report" or "code": a constructor argument, not a field
+            options[key] = value
+            continue
         if key not in fields:
             raise SystemExit(f"{model_cls.__name__} has no setting {key!r}; its settings: {', '.join(fields)}")
         default = fields[key].default
@@ -104,7 +107,7 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for spec, values in rows.items():
         v = np.array(values)
-        source = SOURCE.get(spec.partition(":")[0]) if ":" not in spec else None
+        source = SOURCE.get(spec.partition(":")[0]) if spec.partition(":")[2] in ("", "recipe=code") else None
         cols = [f"{m:.3f} +- {s:.3f}" for m, s in zip(v.mean(0), v.std(0, ddof=1) if len(v) > 1 else [0] * 3)]
         cols[0] = f"{v[:, 0].mean():.1f} +- {v[:, 0].std(ddof=1) if len(v) > 1 else 0:.1f}"
         src = f"{source[0]:.3f} / {source[1]:.3f}" if source else "-"
