@@ -53,6 +53,8 @@ def parse_options(model_cls, text):
         default = fields[key].default
         if isinstance(default, tuple):
             options[key] = tuple(int(v) for v in value.split("-"))
+        elif default is None:  # an optional number (e.g. max_value)
+            options[key] = None if value.lower() == "none" else float(value)
         elif isinstance(default, bool):
             options[key] = value.lower() in ("1", "true", "yes")
         else:

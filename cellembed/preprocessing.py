@@ -159,7 +159,7 @@ def gene_scaling_blocks(blocks, n, m):
     return mean, np.where(sd > SD_EPS, sd, 1.0)
 
 
-def standardize(block, mean, sd):
+def standardize(block, mean, sd, max_value=None):
     """``(block - mean) / sd`` in float64, rounded to float32, in place: one batch of `scale`.
 
     Parameters
@@ -168,6 +168,8 @@ def standardize(block, mean, sd):
         Log-normalized rows (e.g. a row batch of `log_normalize_sparse`), overwritten.
     mean, sd : ndarray, shape (M,), float64
         `gene_scaling`'s.
+    max_value : float, optional
+        Clip the scaled values to +- this, as `scale` (Seurat's ``ScaleData(scale.max = 10)``).
 
     Returns
     -------
@@ -178,6 +180,8 @@ def standardize(block, mean, sd):
     for start in range(0, block.shape[0], rows):
         part = block[start:start + rows]
         part[...] = (part.astype(np.float64) - mean) / sd
+    if max_value is not None:
+        np.clip(block, -max_value, max_value, out=block)
     return block
 
 

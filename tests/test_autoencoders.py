@@ -152,6 +152,23 @@ def test_mse_inputs_of_the_training_cells_are_scanpys_scale():
     np.testing.assert_array_equal(rows[torch.tensor([7, 2])].numpy(), scale(log_normalize(adata.X))[[7, 2]])
 
 
+def test_clipped_inputs_are_scanpys_scale_with_max_value():
+    # Seurat's ScaleData clips at scale.max = 10: scanpy's scale(max_value=10) is the oracle
+    import anndata
+    import scanpy as sc
+
+    adata = make_counts(n_per_type=40, n_genes=30)
+    X = np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X)
+    X[:, 3], X[0, 3] = 0, 5  # a gene of one cell in 120: its z-score there is sqrt(119) = 10.9
+    adata.X = X
+    model = get_model("ae")(**TINY, epochs=1, max_value=10.0).fit(adata, seed=0)
+    rows = model._inputs(adata.X.astype(np.float32))[0][:].numpy()
+    oracle = anndata.AnnData(log_normalize(adata.X).astype(np.float64))
+    sc.pp.scale(oracle, max_value=10)
+    np.testing.assert_allclose(rows, oracle.X, rtol=1e-5, atol=1e-5)
+    assert rows.max() == 10.0 and (scale(log_normalize(adata.X)) > 10).any()
+
+
 def test_new_cells_are_embedded_independently_of_the_batch():
     adata = make_counts(n_per_type=30)
     n_fit = 2 * adata.n_obs // 3

@@ -296,6 +296,8 @@ class AEConfig:
     batch_size: int = 256  # report 1.4 (its public code: 240)
     lr: float = 1e-3  # report 3, Adam
     target_sum: float = 1e4  # report 1.3, Seurat's LogNormalize scale factor
+    # clip the z-scores to +- this (report 1.3: Seurat's ScaleData, whose scale.max is 10); None: no clip
+    max_value: float | None = None
     precision: str = "auto"  # "auto": bfloat16 where the CPU has it (speed), else "fp32"; or "bf16"
     # where the report's public code differs (module docstring; recipe="code" sets these):
     decoder_hidden: tuple = ()  # decoder widths from the latent out; () = hidden reversed (report 2.4)
@@ -375,7 +377,7 @@ class AE(Model):
         """
         if self.config.likelihood == "mse":
             def scaled(rows):
-                return standardize(rows, self.mean_, self.scale_)
+                return standardize(rows, self.mean_, self.scale_, self.config.max_value)
 
             lognorm = functools.partial(log_normalize_sparse, target_sum=self.config.target_sum)
             if isinstance(X, BackedCounts):  # two passes over the file for the statistics
