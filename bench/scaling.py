@@ -4,6 +4,7 @@ and (``--stages``) the assignment's stages per iteration.
     python bench/scaling.py [--models pca vae ...] [--sizes 10000 50000 100000 200000]
     python bench/scaling.py --million [--models pca vae gmvae]    # 1,000,000 cells from a backed .h5ad
     python bench/scaling.py --stages [--sizes 2000 10000 50000 100000]
+    python bench/scaling.py --reuse --table-only --sizes ...     # the kept results' table and figure
 
 Cells: the real 10x PBMC 4k cells (``10x_pbmc``, 2,000 genes) resampled with replacement to N,
 every count thinned binomially (p = 0.9) so that copies of a cell differ (`resample`); labels
@@ -244,14 +245,17 @@ def models_table(args):
         for name in models:
             joint = get_model(name.split(":")[0]).__name__ in ("JAE", "PCAJoint")  # two modalities
             path = work / f"{'cite' if joint else 'pbmc'}_{n}.h5ad"
-            if not path.exists():  # written under another name first: a cut run leaves no half file
-                part = path.with_suffix(".part.h5ad")
-                (write_joint_cells if joint else write_cells)(args.data_root, n, part)
-                part.rename(path)
             kept = work / f"{name}_{n}{'_backed' if args.million else ''}.json"  # --reuse reads it back
             if args.reuse and kept.exists():
                 row = json.loads(kept.read_text())
+            elif args.table_only:
+                print(f"| {name} | {n} | not run | | | | |", flush=True)
+                continue
             else:
+                if not path.exists():  # written under another name first: a cut run leaves no half file
+                    part = path.with_suffix(".part.h5ad")
+                    (write_joint_cells if joint else write_cells)(args.data_root, n, part)
+                    part.rename(path)
                 row = run_child(name, path, args.million, args.timeout, not args.no_score)
                 kept.write_text(json.dumps(row if row is not None else {"timeout": args.timeout}))
             if row is not None and row.get("timeout"):
@@ -320,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--no-score", action="store_true", help="fit and embed only (no leaderboard scoring)")
     parser.add_argument("--reuse", action="store_true",
                         help="take a (model, size) run's result from --work when an earlier run left it there")
+    parser.add_argument("--table-only", action="store_true",
+                        help="with --reuse: print the table, exponents and figure of the kept results only")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per (model, size) run")
     parser.add_argument("--work", default="/tmp/cellembed-scaling", help="where the resampled .h5ad files go")
     parser.add_argument("--figure", default=str(ROOT / "bench/results/scaling.png"))
