@@ -265,8 +265,8 @@ class GMVAE(Model):
 
         Parameters
         ----------
-        X : scipy.sparse.csr_matrix, shape (N, M)
-            Raw counts of the training cells.
+        X : scipy.sparse.csr_matrix, shape (N, M), or `BackedCounts`
+            Raw counts of the training cells (on disk: read a chunk at a time).
         """
         if X.shape[1] <= self.config.n_top_genes:
             return np.arange(X.shape[1])
