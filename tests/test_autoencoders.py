@@ -13,6 +13,7 @@ from cellembed.evaluation.metrics import kmeans_labels
 from cellembed.models import get_model
 from cellembed.models.autoencoders import AutoencoderModule, make_loss, vsc_kl
 from cellembed.preprocessing import log_normalize, scale
+from cellembed.sparse_nn import GeneLinear
 from conftest import make_counts
 
 TINY = {"hidden": (32, 16, 8), "latent": 4, "precision": "fp32"}
@@ -147,9 +148,12 @@ def test_save_and_load_give_the_same_latent_bit_for_bit(tmp_path, options):
 def test_mse_inputs_of_the_training_cells_are_scanpys_scale():
     adata = make_counts(n_per_type=10)
     model = get_model("ae")(**TINY, epochs=1).fit(adata, seed=0)
-    rows = model._inputs(adata.X.astype(np.float32))[0]  # SparseRows: dense rows per batch
-    np.testing.assert_array_equal(rows[:].numpy(), scale(log_normalize(adata.X)))
-    np.testing.assert_array_equal(rows[torch.tensor([7, 2])].numpy(), scale(log_normalize(adata.X))[[7, 2]])
+    rows = model._inputs(adata.X.astype(np.float32))[0]  # ScaledSparseRows: sparse values + offset per batch
+    z = scale(log_normalize(adata.X))
+    np.testing.assert_allclose(rows[:].dense().numpy(), z, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(rows[torch.tensor([7, 2])].dense().numpy(), z[[7, 2]], rtol=1e-6, atol=1e-5)
+    # the stored entries are the counts' pattern: a zero count is its gene's offset, nothing stored
+    assert rows[:].values._nnz() == adata.X.nnz
 
 
 def test_clipped_inputs_are_scanpys_scale_with_max_value():
@@ -162,7 +166,7 @@ def test_clipped_inputs_are_scanpys_scale_with_max_value():
     X[:, 3], X[0, 3] = 0, 5  # a gene of one cell in 120: its z-score there is sqrt(119) = 10.9
     adata.X = X
     model = get_model("ae")(**TINY, epochs=1, max_value=10.0).fit(adata, seed=0)
-    rows = model._inputs(adata.X.astype(np.float32))[0][:].numpy()
+    rows = model._inputs(adata.X.astype(np.float32))[0][:].dense().numpy()
     oracle = anndata.AnnData(log_normalize(adata.X).astype(np.float64))
     sc.pp.scale(oracle, max_value=10)
     np.testing.assert_allclose(rows, oracle.X, rtol=1e-5, atol=1e-5)
@@ -193,8 +197,9 @@ def test_defaults_are_the_reports():
 
 def layer_shapes(module):
     """(in, out) of every Linear layer and the activations, in order: ``["Linear(4, 8)", "ReLU", ...]``."""
-    return [f"Linear({m.in_features}, {m.out_features})" if isinstance(m, torch.nn.Linear) else type(m).__name__
-            for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.ReLU))]
+    linear = (torch.nn.Linear, GeneLinear)  # GeneLinear: the M-wide first layer, weight stored (M, h)
+    return [f"Linear({m.in_features}, {m.out_features})" if isinstance(m, linear) else type(m).__name__
+            for m in module.modules() if isinstance(m, (*linear, torch.nn.ReLU))]
 
 
 @pytest.mark.parametrize("kind,encoder,decoder,changes", [

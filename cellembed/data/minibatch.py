@@ -11,17 +11,29 @@ where `cellembed.training.train` and `cellembed.training.predict` take a tensor:
 trains on the same batches, bit for bit, as the dense (N, M) tensor of every row would, and
 holds the CSR matrix plus one batch.
 
+`ScaledSparseRows` hands out the z-scores of a batch without making them dense: every gene's
+z-score of a zero count is the same number, so a batch is that offset (M,) plus a sparse matrix
+with the pattern of the counts (`ScaledSparse`), which the autoencoders' first layer and loss
+use as it is (`cellembed.sparse_nn`): a step costs the stored entries, not B x M.
+
 `scaled_epochs` is the epoch budget that follows the data size (scvi-tools' rule), and
 `embed_batch_size` the rows of an embedding batch, bounded in values rather than in rows.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from cellembed.data.backed import BackedCounts
+from cellembed.preprocessing import CHUNK
+
+# torch warns once per process that its sparse CSR tensors are a beta feature; the products used
+# here (CSR @ dense on the CPU and the GPU) are tested against dense autograd (tests/test_sparse_nn.py)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 # scvi-tools (scvi.model._utils.get_max_epochs_heuristic, its ``decay_at_n_obs``): the number of
 # cells above which the epochs shrink as 1 / N.
@@ -136,3 +148,104 @@ class SparseRows:
         rows = rows.toarray()  # (B, M) float32, C-contiguous
         out = rows if self.transform is None else self.transform(rows)
         return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
+
+
+class ScaledSparse:
+    """A batch of z-scored rows kept sparse: ``dense() = values + offset`` (B, M).
+
+    Parameters
+    ----------
+    values : Tensor, sparse CSR, shape (B, M), float32
+        Each stored entry's z-score minus its gene's ``offset``; the pattern of the counts.
+    transposed : Tensor, sparse CSR, shape (M, B), float32
+        The same matrix transposed (the gradients of a weight need ``values.T @ grad``, which
+        a CSR matrix of the transpose computes fastest).
+    offset : Tensor, shape (M,), float32
+        Every gene's z-score of a zero count.
+    """
+
+    def __init__(self, values, transposed, offset):
+        self.values, self.transposed, self.offset = values, transposed, offset
+
+    @property
+    def shape(self):
+        """(B, M), as the dense rows'."""
+        return tuple(self.values.shape)
+
+    @property
+    def device(self):
+        return self.offset.device
+
+    def to(self, device):
+        """This batch on ``device`` (the same object where it already is)."""
+        if torch.device(device) == self.device:
+            return self
+        return ScaledSparse(self.values.to(device), self.transposed.to(device), self.offset.to(device))
+
+    def dense(self):
+        """The z-scored rows, Tensor (B, M) float32."""
+        return self.values.to_dense() + self.offset
+
+
+class ScaledSparseRows:
+    """Log-normalized CSR rows handed out z-scored but sparse: ``rows[index]`` is a `ScaledSparse`.
+
+    ``rows[index].dense()`` is ``standardize(X[index].toarray(), mean, sd, max_value)`` (to float32
+    rounding: the stored entries are z-scored in float64, the offset taken off, then rounded):
+    a zero's z-score ``clip(-mean / sd)`` is the gene's offset, and a stored entry keeps its
+    z-score minus the offset, so the sparse matrix has the counts' pattern.
+
+    Parameters
+    ----------
+    X : scipy.sparse.csr_matrix, shape (N, M), float32, or `cellembed.data.backed.BackedCounts`
+        Log-normalized rows (canonical CSR), or counts on disk with ``sparse_transform``.
+    mean, sd : ndarray, shape (M,), float64
+        `cellembed.preprocessing.gene_scaling`'s.
+    max_value : float, optional
+        Clip the z-scores to +- this (`cellembed.preprocessing.standardize`'s).
+    sparse_transform : callable, optional
+        ``CSR (B, M) -> CSR (B, M)`` applied to each batch's rows first (`SparseRows`').
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, X, mean, sd, max_value=None, sparse_transform=None):
+        if not (sp.isspmatrix_csr(X) or isinstance(X, BackedCounts)) or X.dtype != np.float32:
+            raise TypeError(f"ScaledSparseRows needs a float32 CSR matrix, got {type(X).__name__} of {X.dtype}")
+        self.mean, self.sd, self.max_value, self.sparse_transform = mean, sd, max_value, sparse_transform
+        self.offset64 = self._clip(-mean / sd)  # (M,) float64, a zero count's z-score
+        self.offset = torch.from_numpy(self.offset64.astype(np.float32))
+        self.shape = X.shape
+        self.per_batch = isinstance(X, BackedCounts) or sparse_transform is not None
+        self.X = X if self.per_batch else self._shifted(X)  # in memory: every stored entry once
+
+    def _clip(self, values):
+        return values if self.max_value is None else np.clip(values, -self.max_value, self.max_value)
+
+    def _shifted(self, rows):
+        """CSR ``rows`` (log-normalized) -> the same pattern holding z-score minus offset, float32."""
+        values = np.empty(rows.nnz, dtype=np.float32)
+        for lo in range(0, rows.nnz, CHUNK):  # float64 temporaries of CHUNK entries
+            genes, x = rows.indices[lo:lo + CHUNK], rows.data[lo:lo + CHUNK]
+            values[lo:lo + CHUNK] = self._clip((x - self.mean[genes]) / self.sd[genes]) - self.offset64[genes]
+        return sp.csr_matrix((values, rows.indices, rows.indptr), shape=rows.shape, copy=False)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        """The rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), `ScaledSparse`."""
+        if isinstance(index, torch.Tensor):
+            index = index.numpy()
+        rows = self.X[index]  # (B, M) CSR float32
+        if self.per_batch:
+            rows = self._shifted(rows if self.sparse_transform is None else self.sparse_transform(rows))
+        cols = rows.tocsc()  # its arrays are the CSR arrays of the transpose
+        return ScaledSparse(_csr_tensor(rows.indptr, rows.indices, rows.data, rows.shape),
+                            _csr_tensor(cols.indptr, cols.indices, cols.data, rows.shape[::-1]), self.offset)
+
+
+def _csr_tensor(indptr, indices, data, shape):
+    """A torch sparse CSR tensor sharing scipy's arrays (int64 indices)."""
+    return torch.sparse_csr_tensor(torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy(indices.astype(np.int32)),
+                                   torch.from_numpy(data), size=tuple(shape), check_invariants=False)
