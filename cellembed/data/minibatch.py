@@ -174,6 +174,7 @@ class ScaledSparse:
 
     @property
     def device(self):
+        """Where the batch's tensors are."""
         return self.offset.device
 
     def to(self, device):
