@@ -206,17 +206,17 @@ def layer_shapes(module):
     # deepAutoencoder.py: fc1-fc4 13714-128-32-16-6, z = fc4(h3) linear; decoder fc5-fc8 mirrored
     ("ae", ["Linear(13714, 128)", "Linear(128, 32)", "ReLU", "Linear(32, 16)", "ReLU", "Linear(16, 6)"],
      ["Linear(6, 16)", "ReLU", "Linear(16, 32)", "ReLU", "Linear(32, 128)", "ReLU", "Linear(128, 13714)"],
-     {"batch_size": 240, "code_relu": False}),
+     {"batch_size": 240, "max_value": 10.0, "code_relu": False}),
     # betaVAE.py: h1 = fc1(x), h2 = relu(fc2(h1)), mu / logvar = fc31 / fc32(h2); decoder fc4m-fc1m 80-400-800
     ("vae", ["Linear(13714, 800)", "Linear(800, 400)", "ReLU", "Linear(400, 6)", "Linear(400, 6)"],
      ["Linear(6, 80)", "ReLU", "Linear(80, 400)", "ReLU", "Linear(400, 800)", "ReLU", "Linear(800, 13714)"],
-     {"batch_size": 240, "hidden": (800, 400), "decoder_hidden": (80, 400, 800)}),
+     {"batch_size": 240, "max_value": 10.0, "hidden": (800, 400), "decoder_hidden": (80, 400, 800)}),
     # betaVSC.py: h0 = relu(fc1(x)), h1 = relu(fc2(h0)), three heads; train_VSC: beta=1
     ("vsc", ["Linear(13714, 800)", "ReLU", "Linear(800, 400)", "ReLU", "Linear(400, 6)", "Linear(400, 6)",
              "Linear(400, 6)"],
      ["Linear(6, 80)", "ReLU", "Linear(80, 400)", "ReLU", "Linear(400, 800)", "ReLU", "Linear(800, 13714)"],
-     {"batch_size": 240, "hidden": (800, 400), "decoder_hidden": (80, 400, 800), "first_relu": True,
-      "beta": 1.0})])
+     {"batch_size": 240, "max_value": 10.0, "hidden": (800, 400), "decoder_hidden": (80, 400, 800),
+      "first_relu": True, "beta": 1.0})])
 def test_the_code_recipe_is_the_reports_public_code(kind, encoder, decoder, changes):
     import dataclasses
 
@@ -224,7 +224,7 @@ def test_the_code_recipe_is_the_reports_public_code(kind, encoder, decoder, chan
     report = get_model(kind).Config()
     changed = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(report)
                if getattr(model.config, f.name) != getattr(report, f.name)}
-    assert changed == changes  # everything else (latent 6, lr, epochs, z-scored input) is the report's
+    assert changed == changes  # everything else (latent 6, lr, epochs, z-scored input) is the report's text's
     model.var_names_ = [f"g{j}" for j in range(13714)]  # PBMC 3k's genes, as the code hard-codes
     module = model._build_module()
     assert layer_shapes(module.encoder) == encoder and layer_shapes(module.decoder) == decoder

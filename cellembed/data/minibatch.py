@@ -247,6 +247,7 @@ class ScaledSparseRows:
 
 
 def _csr_tensor(indptr, indices, data, shape):
-    """A torch sparse CSR tensor sharing scipy's arrays (int64 indices)."""
-    return torch.sparse_csr_tensor(torch.from_numpy(indptr.astype(np.int32)), torch.from_numpy(indices.astype(np.int32)),
-                                   torch.from_numpy(data), size=tuple(shape), check_invariants=False)
+    """A torch sparse CSR tensor of scipy's arrays (int32 indices; the data shared)."""
+    return torch.sparse_csr_tensor(torch.from_numpy(indptr.astype(np.int32)),
+                                   torch.from_numpy(indices.astype(np.int32)), torch.from_numpy(data),
+                                   size=tuple(shape), check_invariants=False)

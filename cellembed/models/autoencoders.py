@@ -30,12 +30,14 @@ Where the report's public code differs, the default follows the report's text; `
 (``ae:recipe=code`` in compare.py; `AEConfig.code_recipe`) builds what the public code
 (``deepAutoencoder.py``, ``betaVAE.py``, ``betaVSC.py``, ``run_experiments.py.ipynb``) trains:
 
+- every kind: the input as the code reads it, Seurat's ``scale.data`` (z-scores clipped at +- 10,
+  ``max_value=10``), batch 240;
 - ``ae``: the same widths, but a linear code ``z = W4 h3`` (the report's text: ``ReLU``, which can
-  leave code units dead), batch 240;
+  leave code units dead);
 - ``vae``: encoder ``13714-800-400`` (``h1`` linear, ``h2`` ReLU) with ``mu`` and ``log sigma^2``
-  straight from the 400 units (no 16-unit branch), decoder ``6 -> 80 -> 400 -> 800 -> M``, batch 240;
+  straight from the 400 units (no 16-unit branch), decoder ``6 -> 80 -> 400 -> 800 -> M``;
 - ``vsc``: as the code's VAE with a ReLU after the first layer too, and beta = 1 (``train_VSC``
-  calls the loss with ``beta=1``), batch 240.
+  calls the loss with ``beta=1``).
 
 Under the report's protocol (t-SNE 40 + k-means 9 on PBMC 3k, `bench/autoencoders.py`, seeds 0-4):
 the default ``ae`` ARI 0.402 +- 0.083 (sparse batches; 0.413 +- 0.036 with the dense rows of the
@@ -338,7 +340,9 @@ class AEConfig:
     @classmethod
     def code_recipe(cls, kind, **overrides):
         """The settings of the report's public code for ``kind`` ("ae", "vae", "vsc"), then ``overrides``."""
-        code = {"batch_size": 240}  # run_experiments.py.ipynb: DataLoader(batch_size=240)
+        # run_experiments.py.ipynb: DataLoader(batch_size=240) over Seurat's scale.data, which ScaleData
+        # clips at its default scale.max = 10
+        code = {"batch_size": 240, "max_value": 10.0}
         if kind == "ae":
             code["code_relu"] = False  # deepAutoencoder.py: z = self.fc4(h3)
         else:  # betaVAE.py, betaVSC.py: fc1 13714 -> 800, fc2 800 -> 400, heads from 400; decoder 80-400-800
