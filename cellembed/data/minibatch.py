@@ -138,14 +138,16 @@ class SparseRows:
     def __len__(self):
         return self.shape[0]
 
-    def __getitem__(self, index):
-        """The dense rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), Tensor (B, M)."""
+    def _rows(self, index):
+        """The CSR rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), transformed."""
         if isinstance(index, torch.Tensor):
             index = index.numpy()
         rows = self.X[index]  # (B, M) CSR float32
-        if self.sparse_transform is not None:
-            rows = self.sparse_transform(rows)
-        rows = rows.toarray()  # (B, M) float32, C-contiguous
+        return rows if self.sparse_transform is None else self.sparse_transform(rows)
+
+    def __getitem__(self, index):
+        """The dense rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), Tensor (B, M)."""
+        rows = self._rows(index).toarray()  # (B, M) float32, C-contiguous
         out = rows if self.transform is None else self.transform(rows)
         return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
 
@@ -188,7 +190,7 @@ class ScaledSparse:
         return self.values.to_dense() + self.offset
 
 
-class ScaledSparseRows:
+class ScaledSparseRows(SparseRows):
     """Log-normalized CSR rows handed out z-scored but sparse: ``rows[index]`` is a `ScaledSparse`.
 
     ``rows[index].dense()`` is ``standardize(X[index].toarray(), mean, sd, max_value)`` (to float32
@@ -208,17 +210,15 @@ class ScaledSparseRows:
         ``CSR (B, M) -> CSR (B, M)`` applied to each batch's rows first (`SparseRows`').
     """
 
-    device = torch.device("cpu")
-
     def __init__(self, X, mean, sd, max_value=None, sparse_transform=None):
-        if not (sp.isspmatrix_csr(X) or isinstance(X, BackedCounts)) or X.dtype != np.float32:
-            raise TypeError(f"ScaledSparseRows needs a float32 CSR matrix, got {type(X).__name__} of {X.dtype}")
-        self.mean, self.sd, self.max_value, self.sparse_transform = mean, sd, max_value, sparse_transform
+        self.mean, self.sd, self.max_value = mean, sd, max_value
         self.offset64 = self._clip(-mean / sd)  # (M,) float64, a zero count's z-score
         self.offset = torch.from_numpy(self.offset64.astype(np.float32))
-        self.shape = X.shape
-        self.per_batch = isinstance(X, BackedCounts) or sparse_transform is not None
-        self.X = X if self.per_batch else self._shifted(X)  # in memory: every stored entry once
+        if isinstance(X, BackedCounts) or sparse_transform is not None:  # per batch, as it is read
+            super().__init__(X, sparse_transform=lambda rows: self._shifted(
+                rows if sparse_transform is None else sparse_transform(rows)))
+        else:  # in memory: every stored entry once
+            super().__init__(self._shifted(X))
 
     def _clip(self, values):
         return values if self.max_value is None else np.clip(values, -self.max_value, self.max_value)
@@ -231,16 +231,9 @@ class ScaledSparseRows:
             values[lo:lo + CHUNK] = self._clip((x - self.mean[genes]) / self.sd[genes]) - self.offset64[genes]
         return sp.csr_matrix((values, rows.indices, rows.indptr), shape=rows.shape, copy=False)
 
-    def __len__(self):
-        return self.shape[0]
-
     def __getitem__(self, index):
         """The rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), `ScaledSparse`."""
-        if isinstance(index, torch.Tensor):
-            index = index.numpy()
-        rows = self.X[index]  # (B, M) CSR float32
-        if self.per_batch:
-            rows = self._shifted(rows if self.sparse_transform is None else self.sparse_transform(rows))
+        rows = self._rows(index)
         cols = rows.tocsc()  # its arrays are the CSR arrays of the transpose
         return ScaledSparse(_csr_tensor(rows.indptr, rows.indices, rows.data, rows.shape),
                             _csr_tensor(cols.indptr, cols.indices, cols.data, rows.shape[::-1]), self.offset)
