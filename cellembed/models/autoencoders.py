@@ -41,8 +41,9 @@ Where the report's public code differs, the default follows the report's text; `
 
 Under the report's protocol (t-SNE 40 + k-means 9 on PBMC 3k, `bench/autoencoders.py`, seeds 0-4):
 the default ``ae`` ARI 0.402 +- 0.083 (sparse batches; 0.413 +- 0.036 with the dense rows of the
-previous release), ``ae:recipe=code`` 0.428 +- 0.048; the report: 0.580.
-``max_value=10`` clips the z-scores as the report's Seurat ``ScaleData`` (``scale.max``) does; off
+previous release), ``ae:recipe=code`` 0.428 +- 0.048 (before its input was clipped at 10); the
+report: 0.580. ``vae:recipe=code``, seed 0: ARI 0.119 (clipped; unclipped, its loss became inf
+in epoch 40). ``max_value=10`` clips the z-scores as the report's Seurat ``ScaleData`` (``scale.max``) does; off
 by default until it is measured over seeds and data sets.
 
 Going beyond the source: ``likelihood="nb"`` (``ae`` and ``vae``) reads the raw counts instead
@@ -67,8 +68,9 @@ offset (`cellembed.data.minibatch.ScaledSparseRows`), never made dense: the firs
 (`cellembed.sparse_nn.scaled_sparse_mse`, when its last hidden layer is at most B wide) read the
 stored entries only, exactly (to float rounding) what the dense z-scores give
 (`tests/test_sparse_nn.py`). On PBMC 3k (6% of the entries stored) training is 2.3x faster than
-with the dense rows in fp32, 1.8x with bf16 autocast (docs/models.md). "nb" takes ``log1p`` of each batch's dense counts
-(`cellembed.data.minibatch.SparseRows`), the values of the dense (N, M) arrays bit for bit.
+with the dense rows in fp32, 1.8x with bf16 autocast (docs/models.md). "nb" takes ``log1p`` of
+each batch's dense counts (`cellembed.data.minibatch.SparseRows`), the values of the dense (N, M)
+arrays bit for bit.
 Above 20,000 cells the epochs shrink as 1 / N (``scale_epochs``, scvi-tools' rule), so the
 number of steps stays bounded.
 """
