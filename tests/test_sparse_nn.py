@@ -22,14 +22,18 @@ def lognorm_counts(n=120, m=300, seed=0):
     return log_normalize_sparse(X)
 
 
+def scaled_rows(max_value=None, n=120):
+    """`ScaledSparseRows` of `lognorm_counts` with their own gene statistics, and that CSR matrix."""
+    L = lognorm_counts(n=n)
+    return ScaledSparseRows(L, *gene_scaling(L), max_value), L
+
+
 @pytest.mark.parametrize("max_value", [None, 1.5])
 def test_a_batch_is_its_dense_z_scores_with_the_counts_pattern(max_value):
-    L = lognorm_counts()
-    mean, sd = gene_scaling(L)
-    rows = ScaledSparseRows(L, mean, sd, max_value)
+    rows, L = scaled_rows(max_value)
     index = torch.tensor([5, 0, 77, 31])
     batch = rows[index]
-    dense = standardize(L[index.numpy()].toarray(), mean, sd, max_value)
+    dense = standardize(L[index.numpy()].toarray(), rows.mean, rows.sd, max_value)
     np.testing.assert_allclose(batch.dense().numpy(), dense, rtol=1e-6, atol=1e-6)
     assert batch.values._nnz() == L[index.numpy()].nnz  # a zero count is stored nowhere
     np.testing.assert_allclose(batch.transposed.to_dense().numpy(), batch.values.to_dense().numpy().T)
@@ -39,9 +43,8 @@ def test_a_batch_is_its_dense_z_scores_with_the_counts_pattern(max_value):
 
 @pytest.mark.parametrize("max_value", [None, 1.5])
 def test_gene_linear_and_its_gradients_equal_a_linear_layer_on_the_dense_rows(max_value):
-    L = lognorm_counts()
-    mean, sd = gene_scaling(L)
-    batch = ScaledSparseRows(L, mean, sd, max_value)[torch.arange(40)]
+    rows, L = scaled_rows(max_value)
+    batch = rows[torch.arange(40)]
     torch.manual_seed(0)
     layer = GeneLinear(L.shape[1], 16)
     torch.manual_seed(0)
@@ -60,9 +63,8 @@ def test_gene_linear_and_its_gradients_equal_a_linear_layer_on_the_dense_rows(ma
 
 @pytest.mark.parametrize("max_value", [None, 1.5])
 def test_scaled_sparse_mse_and_its_gradients_equal_the_dense_squared_error(max_value):
-    L = lognorm_counts()
-    mean, sd = gene_scaling(L)
-    batch = ScaledSparseRows(L, mean, sd, max_value)[torch.arange(50)]
+    rows, L = scaled_rows(max_value)
+    batch = rows[torch.arange(50)]
     torch.manual_seed(1)
     decoder = torch.nn.Linear(8, L.shape[1])
     g = torch.randn(50, 8, requires_grad=True)
@@ -77,9 +79,7 @@ def test_scaled_sparse_mse_and_its_gradients_equal_the_dense_squared_error(max_v
 @pytest.mark.parametrize("kind", ["ae", "vae", "vsc"])
 def test_training_steps_on_sparse_batches_follow_the_dense_ones(kind):
     # both squared-error paths: the Gram matrix (last hidden width 8 <= 32 rows) and dense rows (> 4 rows)
-    L = lognorm_counts(n=160)
-    mean, sd = gene_scaling(L)
-    rows = ScaledSparseRows(L, mean, sd)
+    rows, L = scaled_rows(n=160)
     for batch_rows in (32, 4):
         torch.manual_seed(0)
         sparse_module = AutoencoderModule(L.shape[1], (16, 8, 8), 3, kind, "mse")
