@@ -49,7 +49,8 @@ class CSRCounts:
         self.t_crow, self.t_col = as_long(csc.indptr), as_long(csc.indices)
         self.t_perm = as_long(order.data)
         self.values = torch.as_tensor(csr.data, dtype=dtype, device=device)
-        self.pattern = torch.sparse_csr_tensor(self.crow, self.col, self.values, size=self.shape)
+        self.pattern = torch.sparse_csr_tensor(self.crow, self.col, self.values, size=self.shape,
+                                               check_invariants=False)
         self._flat = None  # flat_index(), made on first use
 
     def rows(self, index):
@@ -58,12 +59,12 @@ class CSRCounts:
 
     def csr(self, values):
         """A torch CSR tensor (N, M) with this pattern and ``values`` (nnz,)."""
-        return torch.sparse_csr_tensor(self.crow, self.col, values, size=self.shape)
+        return torch.sparse_csr_tensor(self.crow, self.col, values, size=self.shape, check_invariants=False)
 
     def csr_t(self, values):
         """The transpose (M, N) of `csr`, as a CSR tensor."""
         return torch.sparse_csr_tensor(
-            self.t_crow, self.t_col, values[self.t_perm], size=self.shape[::-1]
+            self.t_crow, self.t_col, values[self.t_perm], size=self.shape[::-1], check_invariants=False
         )
 
     def dense(self):
@@ -261,8 +262,11 @@ def zinb_loss(x, mean, disp, pi, size_factors):
 
     Parameters
     ----------
-    x : Tensor, shape (N, M)
-        Raw counts.
+    x : Tensor (N, M) or CSRCounts
+        Raw counts. `CSRCounts` takes the sparse path, the same value and gradient: the
+        zero-count term ``log(pi + (1 - pi) NB(0))`` is taken at every entry, and swapped for
+        ``log((1 - pi) NB(x))`` at the stored counts only, so the NB's three ``lgamma`` (and their
+        ``digamma`` gradients) cost nnz instead of N x M.
     mean, disp, pi : Tensor, shape (N, M)
         The decoder's ZINB heads (mean before the size factor, inverse dispersion, dropout).
     size_factors : Tensor, shape (N,)
@@ -272,4 +276,15 @@ def zinb_loss(x, mean, disp, pi, size_factors):
     -------
     Tensor, scalar
     """
-    return -zinb_log_prob(x, mean * size_factors[:, None], disp, pi).mean()
+    mu = mean * size_factors[:, None]
+    if not isinstance(x, CSRCounts):
+        return -zinb_log_prob(x, mu, disp, pi).mean()
+    nb_zero = disp * (torch.log(disp + EPS) - torch.log(disp + mu + EPS))  # log NB(0), (N, M)
+    at_zero = torch.log(pi + (1 - pi) * torch.exp(nb_zero) + EPS)  # (N, M)
+    flat = x.flat_index()  # (nnz,)
+    at = lambda t: t.reshape(-1).index_select(0, flat)  # noqa: E731  the stored entries of t, (nnz,)
+    counts, pi_x = x.values.to(mu.dtype), at(pi)
+    at_count = torch.log(1 - pi_x + EPS) + nb_log_prob(counts, at(mu), at(disp))  # (nnz,)
+    # a stored zero keeps the zero-count term, as the dense path's x < 0.5 rule
+    swap = torch.where(counts < 0.5, torch.zeros_like(at_count), at_count - at(at_zero))
+    return -(at_zero.sum() + swap.sum()) / at_zero.numel()

@@ -15,15 +15,21 @@ layer forward, its weight's gradient and its input's gradient). Kept sparse:
 
 Both are exact (to float rounding); `tests/test_sparse_nn.py` checks values and gradients
 against autograd on the dense rows.
+
+`SparseMatrix` is a constant sparse matrix times a dense one with autograd to the dense operand
+(scGPCL's mean aggregation over a cell-gene graph): ``A @ h`` forward, ``A^T @ grad`` backward,
+with ``A^T`` kept as a CSR matrix of its own.
 """
 
 from __future__ import annotations
 
 import torch
+import numpy as np
+import scipy.sparse as sp
 from torch import nn
 from torch.nn import functional as F
 
-from cellembed.data.minibatch import ScaledSparse
+from cellembed.data.minibatch import ScaledSparse, csr_tensor
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -42,6 +48,20 @@ class _SparseLinear(torch.autograd.Function):
         return None, None, None, grad_w, grad_sum
 
 
+def gene_linear(x, weight, bias=None):
+    """``x @ weight + bias`` for dense rows or a `ScaledSparse` batch ``x`` (B, M); Tensor (B, h).
+
+    ``weight`` is (M, h) (`GeneLinear`'s layout), ``bias`` (h,) or None. A sparse batch computes
+    in float32, also under autocast (sparse products have no bfloat16 kernels on the CPU).
+    """
+    if not isinstance(x, ScaledSparse):
+        return F.linear(x, weight.t(), bias)
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[1])
+    with torch.autocast(x.device.type, enabled=False):
+        return _SparseLinear.apply(x.values, x.transposed, x.offset, weight.float(), bias.float())
+
+
 class GeneLinear(nn.Module):
     """A linear layer from M genes to h units that also takes a `ScaledSparse` batch at nnz x h.
 
@@ -56,22 +76,20 @@ class GeneLinear(nn.Module):
         M.
     width : int
         h.
+    bias : bool
+        With a bias (as ``nn.Linear``'s ``bias``).
     """
 
-    def __init__(self, n_genes, width):
+    def __init__(self, n_genes, width, bias=True):
         super().__init__()
-        linear = nn.Linear(n_genes, width)
+        linear = nn.Linear(n_genes, width, bias=bias)
         self.in_features, self.out_features = n_genes, width  # as nn.Linear's
         self.weight = nn.Parameter(linear.weight.detach().t().contiguous())  # (M, h)
-        self.bias = nn.Parameter(linear.bias.detach())  # (h,)
+        self.bias = nn.Parameter(linear.bias.detach()) if bias else None  # (h,)
 
     def forward(self, x):
-        """x: Tensor (B, M) or `ScaledSparse` (B, M) -> Tensor (B, h); a sparse batch in float32,
-        also under autocast (sparse products have no bfloat16 kernels on the CPU)."""
-        if not isinstance(x, ScaledSparse):
-            return F.linear(x, self.weight.t(), self.bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return _SparseLinear.apply(x.values, x.transposed, x.offset, self.weight.float(), self.bias.float())
+        """x: Tensor (B, M) or `ScaledSparse` (B, M) -> Tensor (B, h) (`gene_linear`)."""
+        return gene_linear(x, self.weight, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         weight = state_dict.get(prefix + "weight")
@@ -80,7 +98,7 @@ class GeneLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class _ScaledSparseMSE(torch.autograd.Function):
@@ -132,3 +150,63 @@ def scaled_sparse_mse(batch, g, layer):
     with torch.autocast(batch.device.type, enabled=False):
         return _ScaledSparseMSE.apply(batch.values, batch.transposed, batch.offset, g.float(), layer.weight.float(),
                                       layer.bias.float())
+
+
+class _SparseProduct(torch.autograd.Function):
+    """``matrix @ dense`` (R, d) for a constant sparse ``matrix`` (R, C); the gradient of ``dense`` (C, d)."""
+
+    @staticmethod
+    def forward(ctx, dense, matrix, transposed):
+        ctx.transposed = transposed
+        return matrix @ dense
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.transposed @ grad, None, None
+
+
+class SparseMatrix:
+    """A constant sparse matrix A (R, C) that multiplies dense ones: ``A @ h`` (R, d), with autograd to h.
+
+    Kept as two torch CSR tensors, A and its transpose (the gradient ``A^T @ grad``: a CSR
+    product, faster than torch's product with a transposed CSR). Products are in float32, also
+    under autocast (no bfloat16 sparse kernels on the CPU).
+
+    Parameters
+    ----------
+    matrix : scipy.sparse matrix, shape (R, C)
+    device : torch.device or str
+    """
+
+    def __init__(self, matrix, device="cpu"):
+        csr = sp.csr_matrix(matrix, dtype=np.float32)
+        csc = csr.tocsc()  # its arrays are the CSR arrays of the transpose
+        self.matrix = csr_tensor(csr.indptr, csr.indices, csr.data, csr.shape).to(device)
+        self.transposed = csr_tensor(csc.indptr, csc.indices, csc.data, csr.shape[::-1]).to(device)
+
+    @property
+    def shape(self):
+        """(R, C)."""
+        return tuple(self.matrix.shape)
+
+    @property
+    def device(self):
+        """Where the matrix is."""
+        return self.matrix.device
+
+    def to(self, device):
+        """This matrix on ``device`` (the same object where it already is)."""
+        if torch.device(device) == self.device:
+            return self
+        moved = SparseMatrix.__new__(SparseMatrix)
+        moved.matrix, moved.transposed = self.matrix.to(device), self.transposed.to(device)
+        return moved
+
+    def dense(self):
+        """A as a dense Tensor (R, C) float32."""
+        return self.matrix.to_dense()
+
+    def __matmul__(self, dense):
+        """``A @ dense`` for a Tensor (C, d): Tensor (R, d) float32."""
+        with torch.autocast(self.device.type, enabled=False):
+            return _SparseProduct.apply(dense.float(), self.matrix, self.transposed)

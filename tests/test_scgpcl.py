@@ -5,16 +5,17 @@ new cells, save / load, real data."""
 import anndata
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from conftest import make_counts
 from scipy import stats
 from sklearn.metrics import adjusted_rand_score
 
 from cellembed.data.checks import DataError
-from cellembed.likelihoods import zinb_loss
+from cellembed.likelihoods import CSRCounts, zinb_loss
 from cellembed.models import load_model
-from cellembed.models.scgpcl import (SCGPCL, CellGeneGraph, dec_kl, granularities, instance_nce, preprocess,
-                                     proto_nce, select_genes, target_distribution)
+from cellembed.models.scgpcl import (SCGPCL, CellGeneGraph, SCGPCLModule, column_mask, dec_kl, granularities,
+                                     instance_nce, preprocess, proto_nce, select_genes, target_distribution)
 from cellembed.preprocessing import scale
 
 FAST = dict(epochs=6, warmup=3, fine_epochs=6, batch_size=64, num_samples=(64, 32), layers=(32, 8), kmeans_n_init=4)
@@ -53,15 +54,44 @@ def test_sampled_subgraph_starts_with_the_seeds_and_keeps_induced_edges():
     assert genes.numel() <= 5 + 4 and cells.numel() <= 3 + 4
     # max_neighbors above every degree: the induced subgraph, every edge kept
     sub = (counts[cells][:, genes] > 0).float()
-    torch.testing.assert_close(view["cell_from_gene"] > 0, sub > 0)
-    torch.testing.assert_close(view["gene_from_cell"] > 0, sub.T > 0)
+    torch.testing.assert_close(view["cell_from_gene"].dense() > 0, sub > 0)
+    torch.testing.assert_close(view["gene_from_cell"].dense() > 0, sub.T > 0)
 
 
 def test_edge_cap_keeps_about_max_neighbors():
     counts = torch.ones(300, 400)  # every cell has 400 genes, every gene 300 cells
     view = CellGeneGraph(counts).view(generator=torch.Generator().manual_seed(0), max_neighbors=50)
-    kept = (view["cell_from_gene"] > 0).sum(1).float()
-    assert abs(kept.mean().item() - 50) < 2 and (view["gene_from_cell"] > 0).sum(1).float().mean() < 55
+    kept = (view["cell_from_gene"].dense() > 0).sum(1).float()
+    assert abs(kept.mean().item() - 50) < 2 and (view["gene_from_cell"].dense() > 0).sum(1).float().mean() < 55
+
+
+def test_sparse_view_step_equals_the_dense_one():
+    """A training view on sparse features and graphs: the dense computation's outputs and gradients."""
+    adata = make_counts(n_per_type=20, n_types=3, n_genes=40, seed=2)
+    counts, _, features, _ = preprocess(adata.X)
+    graph = CellGeneGraph(counts)
+    generator = torch.Generator().manual_seed(0)
+    view = graph.sample(torch.arange(10), (30, 20), generator, max_neighbors=8)
+    columns = column_mask(graph.n_genes, 0.2, generator)
+    assert 0 < columns.sum() < graph.n_genes
+    torch.manual_seed(0)
+    module = SCGPCLModule(graph.n_genes, 3, layers=(16, 4))
+    cell_x = features[view["cells"]]
+    gene_x = lambda: module.gene_embedding.weight[view["genes"]]  # noqa: E731  a graph of its own for each pass
+    sparse = module.encode(cell_x, gene_x(), view["cell_from_gene"], view["gene_from_cell"], columns)
+    dense = module.encode(cell_x.dense() * columns, gene_x(), view["cell_from_gene"].dense(),
+                          view["gene_from_cell"].dense())
+    for got, expected in zip(sparse, dense):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    params = [p for p in module.parameters() if p.requires_grad]
+    weights = [torch.randn(out.shape) for out in sparse]  # batch norm outputs: a random direction, not a norm
+    loss = lambda outs: sum((out * w).sum() for out, w in zip(outs, weights))  # noqa: E731
+    grads = torch.autograd.grad(loss(sparse), params, allow_unused=True)
+    dense_grads = torch.autograd.grad(loss(dense), params, allow_unused=True)
+    assert sum(g is not None and g.abs().max() > 1e-3 for g in grads) >= 8
+    for got, expected in zip(grads, dense_grads):
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
 
 
 def test_instance_nce_equals_the_papers_formula():
@@ -113,6 +143,27 @@ def test_zinb_loss_equals_the_direct_formula():
     assert got.item() == pytest.approx(direct, rel=1e-6)
 
 
+def test_zinb_loss_on_sparse_counts_equals_the_dense_loss_and_gradients():
+    rng = np.random.default_rng(1)
+    x = sp.random(30, 40, density=0.15, format="csr", random_state=1)
+    x.data = np.ceil(x.data * 6)
+    x[0, 0] = 0.0  # a stored zero counts as a zero
+    assert x.nnz > np.count_nonzero(x.toarray())
+    sf = torch.from_numpy(rng.uniform(0.5, 2, size=30))
+
+    def loss_and_grads(counts):
+        heads = [torch.tensor(rng_heads, requires_grad=True) for rng_heads in heads0]
+        loss = zinb_loss(counts, heads[0], heads[1], torch.sigmoid(heads[2]), sf)
+        return loss, torch.autograd.grad(loss, heads)
+
+    heads0 = [rng.uniform(0.2, 3, size=(30, 40)), rng.uniform(0.3, 5, size=(30, 40)), rng.normal(size=(30, 40))]
+    dense, dense_grads = loss_and_grads(torch.from_numpy(x.toarray()))
+    sparse, sparse_grads = loss_and_grads(CSRCounts(x, dtype=torch.float64))
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=0)
+    for got, expected in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+
+
 def test_dec_target_sharpens_and_kl_is_direct():
     torch.manual_seed(0)
     q = torch.softmax(torch.randn(50, 4), dim=1)
@@ -134,15 +185,19 @@ def test_gene_selection_and_preprocessing():
     counts, sf, features, train_stats = preprocess(X[:, :9])
     totals = X.sum(1)
     np.testing.assert_allclose(sf, totals / np.median(totals), rtol=1e-6)
-    np.testing.assert_allclose(features.mean(0), 0, atol=1e-5)
-    # the training cells' features are scDeepCluster's scale(log1p(x / sf)), bit for bit
-    np.testing.assert_array_equal(features, scale(np.log1p(X[:, :9] / (totals / np.median(totals))[:, None])))
+    np.testing.assert_array_equal(counts.toarray(), X[:, :9])
+    dense = features[:].dense().numpy()  # (4, 9): kept sparse, made dense here only
+    np.testing.assert_allclose(dense.mean(0), 0, atol=1e-5)
+    # the training cells' features are scDeepCluster's scale(log1p(x / sf)) (float32 rounding)
+    expected = scale(np.log1p(X[:, :9] / (totals / np.median(totals))[:, None]))
+    np.testing.assert_allclose(dense, expected, rtol=1e-6, atol=1e-6)
+    assert features[:].values.values().numel() == np.count_nonzero(X[:, :9])  # the counts' pattern
     # with the stored statistics a cell's inputs depend on that cell alone
     counts1, sf1, features1, same = preprocess(X[[2], :9], train_stats)
     assert same is train_stats
-    np.testing.assert_array_equal(counts1, counts[[2]])
+    np.testing.assert_array_equal(counts1.toarray(), counts[[2]].toarray())
     np.testing.assert_array_equal(sf1, sf[[2]])
-    np.testing.assert_array_equal(features1, features[[2]])
+    np.testing.assert_array_equal(features1[:].dense().numpy(), dense[[2]])
 
 
 def test_planted_clusters_recovered_and_same_seed_same_clusters():
@@ -200,10 +255,10 @@ def test_training_cells_keep_the_full_graph_embedding(fitted, split):
     assert stats_["median_total"] == fitted.median_total_
     np.testing.assert_array_equal(stats_["mean"], fitted.feature_mean_)
     np.testing.assert_array_equal(stats_["scale"], fitted.feature_scale_)
-    full = CellGeneGraph(torch.from_numpy(counts)).view()
+    full = CellGeneGraph(counts).view()
     module = fitted.module_
     with torch.no_grad():
-        z, states = module.encode(torch.from_numpy(features), module.gene_embedding.weight, full["cell_from_gene"],
+        z, states = module.encode(features[:], module.gene_embedding.weight, full["cell_from_gene"],
                                   full["gene_from_cell"])
     np.testing.assert_array_equal(module.gene_states.numpy(), states.numpy())
     np.testing.assert_allclose(fitted.get_latent(train), z.numpy(), rtol=1e-5, atol=1e-5)

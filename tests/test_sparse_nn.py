@@ -10,7 +10,7 @@ import torch
 from cellembed.data.minibatch import ScaledSparseRows
 from cellembed.models.autoencoders import AutoencoderModule, make_loss
 from cellembed.preprocessing import gene_scaling, log_normalize_sparse, standardize
-from cellembed.sparse_nn import GeneLinear, scaled_sparse_mse
+from cellembed.sparse_nn import GeneLinear, SparseMatrix, scaled_sparse_mse
 
 
 def lognorm_counts(n=120, m=300, seed=0):
@@ -108,3 +108,33 @@ def test_an_nn_linear_state_dict_loads_into_gene_linear_transposed():
     layer.load_state_dict(old.state_dict())
     x = torch.randn(4, 30)
     torch.testing.assert_close(layer(x), old(x))
+
+
+def test_gene_linear_without_bias_is_nn_linear_without_bias():
+    rows, L = scaled_rows()
+    batch = rows[torch.arange(30)]
+    torch.manual_seed(0)
+    layer = GeneLinear(L.shape[1], 8, bias=False)
+    torch.manual_seed(0)
+    oracle = torch.nn.Linear(L.shape[1], 8, bias=False)
+    assert layer.bias is None and "bias" not in layer.state_dict()
+    torch.testing.assert_close(layer(batch), oracle(batch.dense()), rtol=1e-5, atol=1e-5)
+    grad = torch.autograd.grad(layer(batch).pow(2).sum(), layer.weight)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(oracle(batch.dense()).pow(2).sum(), oracle.weight)[0].t(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_matrix_product_and_its_gradient_equal_the_dense_product():
+    A = sp.random(50, 70, density=0.1, format="csr", dtype=np.float64, random_state=1)
+    matrix = SparseMatrix(A)
+    assert matrix.shape == (50, 70)
+    np.testing.assert_allclose(matrix.dense().numpy(), A.toarray(), rtol=1e-6)
+    h = torch.randn(70, 6, requires_grad=True)
+    target = torch.randn(50, 6)
+    out = matrix @ h
+    dense = torch.from_numpy(A.toarray().astype(np.float32))
+    torch.testing.assert_close(out, dense @ h)
+    grad = torch.autograd.grad(((out - target) ** 2).sum(), h)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(((dense @ h - target) ** 2).sum(), h)[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 also under autocast
+        assert (matrix @ h.bfloat16()).dtype == torch.float32

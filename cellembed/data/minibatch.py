@@ -235,11 +235,11 @@ class ScaledSparseRows(SparseRows):
         """The rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), `ScaledSparse`."""
         rows = self._rows(index)
         cols = rows.tocsc()  # its arrays are the CSR arrays of the transpose
-        return ScaledSparse(_csr_tensor(rows.indptr, rows.indices, rows.data, rows.shape),
-                            _csr_tensor(cols.indptr, cols.indices, cols.data, rows.shape[::-1]), self.offset)
+        return ScaledSparse(csr_tensor(rows.indptr, rows.indices, rows.data, rows.shape),
+                            csr_tensor(cols.indptr, cols.indices, cols.data, rows.shape[::-1]), self.offset)
 
 
-def _csr_tensor(indptr, indices, data, shape):
+def csr_tensor(indptr, indices, data, shape):
     """A torch sparse CSR tensor of scipy's arrays (int32 indices; the data shared)."""
     return torch.sparse_csr_tensor(torch.from_numpy(indptr.astype(np.int32)),
                                    torch.from_numpy(indices.astype(np.int32)), torch.from_numpy(data),

@@ -67,16 +67,19 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
-from cellembed.likelihoods import zinb_loss
+from cellembed.data.minibatch import EMBED_BATCH_ROWS, ScaledSparseRows
+from cellembed.likelihoods import CSRCounts, zinb_loss
 from cellembed.models.base import Model
-from cellembed.preprocessing import dense, gene_scaling, library_sizes
+from cellembed.preprocessing import canonical_csr, gene_scaling, library_sizes
 from cellembed.runtime import use_bf16
+from cellembed.sparse_nn import GeneLinear, SparseMatrix, gene_linear
 from cellembed.training import predict, train
 
 # layers/ZINB.py MeanAct / DispAct: the ZINB mean and dispersion are clamped to these ranges
@@ -149,6 +152,8 @@ def select_genes(X, top_fraction=0.2, min_genes=2000):
 def preprocess(X, stats=None):
     """scDeepCluster's inputs of raw counts ``X`` (N, M): counts, size factors, scaled features.
 
+    Nothing N x M is made dense: the features are handed out by row batches.
+
     Parameters
     ----------
     X : scipy.sparse matrix or ndarray, shape (N, M)
@@ -160,61 +165,67 @@ def preprocess(X, stats=None):
 
     Returns
     -------
-    counts : ndarray, shape (N, M), float32
-        Raw counts (the ZINB targets; their non-zeros are the graph's edges).
+    counts : scipy.sparse.csr_matrix, shape (N, M), float32
+        Raw counts (the ZINB targets; their non-zeros are the graph's edges), canonical, no
+        stored zeros.
     size_factors : ndarray, shape (N,), float32
         Cell total / median total.
-    features : ndarray, shape (N, M), float32
-        ``(log1p(x / size factor) - mean) / scale``: sc.pp.normalize_per_cell, log1p and
-        scale (`cellembed.preprocessing.scale`'s numbers, bit for bit, on the training cells).
+    features : `cellembed.data.minibatch.ScaledSparseRows`, shape (N, M)
+        ``features[rows]`` is a `ScaledSparse` batch whose ``dense()`` is ``(log1p(x / size
+        factor) - mean) / scale``: sc.pp.normalize_per_cell, log1p and scale
+        (`cellembed.preprocessing.scale`'s numbers on the training cells, to float32 rounding).
     stats : dict
         ``median_total`` (float: median cell total), ``mean`` and ``scale`` (float64 (M,): mean
         and standard deviation, ddof 1, of the log values; 1 where that is 0): ``stats`` when
         given.
     """
-    counts = dense(X)
     totals = library_sizes(X)
+    counts = canonical_csr(sp.csr_matrix(X, dtype=np.float32))
+    counts.eliminate_zeros()
     # a cell may have no count among the kept genes: it keeps size factor 0 (the ZINB of its
     # zeros is then exact), and is divided by 1 instead of 0 (scanpy's normalize_per_cell)
     median = float(np.median(totals[totals > 0])) if stats is None else stats["median_total"]
     sf = totals / median
-    logx = np.log1p(counts / np.where(sf > 0, sf, 1.0)[:, None])  # (N, M) float64
+    logx = counts.astype(np.float64)  # (N, M) CSR float64: log1p(x / sf) of the stored counts
+    logx.data = np.log1p(logx.data / np.repeat(np.where(sf > 0, sf, 1.0), np.diff(logx.indptr)))
     if stats is None:
         mean, sd = gene_scaling(logx)
         stats = {"median_total": median, "mean": mean, "scale": sd}
-    features = ((logx - stats["mean"]) / stats["scale"]).astype(np.float32)
-    return counts, sf.astype(np.float32), features, stats
+    return counts, sf.astype(np.float32), ScaledSparseRows(logx, stats["mean"], stats["scale"]), stats
 
 
 class CellGeneGraph:
     """The bipartite cell-gene graph: an edge wherever a raw count is non-zero.
 
-    Kept as a dense 0/1 matrix: the subgraphs are at most a few thousand nodes of each type, and
-    dense products were faster than torch's sparse ones on them (10x PBMC, 2 cores). It stays
-    on the CPU, where the sampling's generator draws; the views move to the module's device.
+    Kept as a scipy CSR matrix (N, M); its (sub)graphs are handed out as `SparseMatrix` mean
+    aggregations, so a view costs its edges, not its cells x genes. It stays on the CPU, where
+    the sampling's generator draws; the views move to the module's device.
 
     Parameters
     ----------
-    counts : Tensor, shape (N, M)
+    counts : scipy.sparse matrix, ndarray or Tensor, shape (N, M)
         Raw counts.
 
     Attributes
     ----------
-    edges : Tensor, shape (N, M)
+    edges : scipy.sparse.csr_matrix, shape (N, M), float32
         1.0 where a cell has a count of a gene.
     n_cells, n_genes, n_edges : int
-    cell_degree, gene_degree : Tensor, (N,), (M,)
+    cell_degree, gene_degree : ndarray, (N,), (M,), float64
     """
 
     def __init__(self, counts):
-        self.edges = (torch.as_tensor(counts) > 0).float()  # (N, M)
+        counts = counts.numpy() if isinstance(counts, torch.Tensor) else counts
+        self.edges = canonical_csr(sp.csr_matrix(counts, dtype=np.float32))
+        self.edges.data = (self.edges.data > 0).astype(np.float32)
+        self.edges.eliminate_zeros()
         self.n_cells, self.n_genes = self.edges.shape
-        self.cell_degree = self.edges.sum(1)
-        self.gene_degree = self.edges.sum(0)
-        self.n_edges = int(self.cell_degree.sum())
+        self.cell_degree = np.diff(self.edges.indptr).astype(np.float64)
+        self.gene_degree = np.bincount(self.edges.indices, minlength=self.n_genes).astype(np.float64)
+        self.n_edges = self.edges.nnz
 
     def view(self, cells=None, genes=None, generator=None, max_neighbors=50):
-        """The (sub)graph on ``cells`` x ``genes`` as two dense mean-aggregation matrices.
+        """The (sub)graph on ``cells`` x ``genes`` as two mean-aggregation matrices.
 
         Parameters
         ----------
@@ -229,20 +240,28 @@ class CellGeneGraph:
         -------
         dict
             ``cells`` (Nc,), ``genes`` (Mg,), ``cell_from_gene`` (Nc, Mg) and ``gene_from_cell``
-            (Mg, Nc): row-normalized adjacency, so that ``A @ h`` is the mean over neighbours.
+            (Mg, Nc): `SparseMatrix` of the row-normalized adjacency, so that ``A @ h`` is the
+            mean over neighbours.
         """
         cells = torch.arange(self.n_cells) if cells is None else cells
         genes = torch.arange(self.n_genes) if genes is None else genes
-        sub = self.edges[cells][:, genes]  # (Nc, Mg)
-        cell_from_gene, gene_from_cell = sub, sub.T
+        c, g = cells.numpy(), genes.numpy()
+        sub = self.edges[c]  # (Nc, M)
+        position = np.full(self.n_genes, -1)
+        position[g] = np.arange(g.size)
+        col = position[sub.indices]
+        inside = col >= 0
+        row, col = np.repeat(np.arange(c.size), np.diff(sub.indptr))[inside], col[inside]  # the edges, (E,)
+        to_cell = to_gene = np.ones(row.size, dtype=bool)
         if generator is not None:
-            # a degree of 0 has no edge to keep: clamp(min=1) only avoids 0 / 0
-            keep_cell = (max_neighbors / self.cell_degree[cells].clamp(min=1)).clamp(max=1.0)  # (Nc,)
-            keep_gene = (max_neighbors / self.gene_degree[genes].clamp(min=1)).clamp(max=1.0)  # (Mg,)
-            cell_from_gene = sub * (torch.rand(sub.shape, generator=generator) < keep_cell[:, None])
-            gene_from_cell = sub.T * (torch.rand(sub.T.shape, generator=generator) < keep_gene[:, None])
-        return {"cells": cells, "genes": genes, "cell_from_gene": mean_rows(cell_from_gene),
-                "gene_from_cell": mean_rows(gene_from_cell)}
+            # a degree of 0 has no edge to keep: the max(1) only avoids 0 / 0
+            keep_cell = np.minimum(max_neighbors / np.maximum(self.cell_degree[c], 1), 1.0)  # (Nc,)
+            keep_gene = np.minimum(max_neighbors / np.maximum(self.gene_degree[g], 1), 1.0)  # (Mg,)
+            to_cell = torch.rand(row.size, generator=generator).numpy() < keep_cell[row]
+            to_gene = torch.rand(row.size, generator=generator).numpy() < keep_gene[col]
+        return {"cells": cells, "genes": genes,
+                "cell_from_gene": mean_rows(row[to_cell], col[to_cell], (c.size, g.size)),
+                "gene_from_cell": mean_rows(col[to_gene], row[to_gene], (g.size, c.size))}
 
     def sample(self, seeds, num_samples, generator, max_neighbors=50):
         """HGT-style subgraph around the seed cells (torch_sparse ``hgt_sample``, 2 hops).
@@ -264,12 +283,15 @@ class CellGeneGraph:
         dict
             `view`'s, with ``cells[:B] == seeds``.
         """
-        # 1 / deg of every node; a node without edges adds to no budget (clamp avoids 1 / 0)
-        inv_cell = 1.0 / self.cell_degree.clamp(min=1)  # (N,)
-        inv_gene = 1.0 / self.gene_degree.clamp(min=1)  # (M,)
-        gene_budget = inv_cell[seeds] @ self.edges[seeds]  # (M,)
+        # 1 / deg of every node; a node without edges adds to no budget (max(1) avoids 1 / 0)
+        inv_cell = 1.0 / np.maximum(self.cell_degree, 1)  # (N,)
+        inv_gene = 1.0 / np.maximum(self.gene_degree, 1)  # (M,)
+        s = seeds.numpy()
+        gene_budget = torch.from_numpy(self.edges[s].T @ inv_cell[s])  # (M,)
         genes1 = _draw(gene_budget, num_samples[0], generator)
-        cell_budget = self.edges[:, genes1] @ inv_gene[genes1]  # (N,)
+        weights = np.zeros(self.n_genes)
+        weights[genes1.numpy()] = inv_gene[genes1.numpy()]
+        cell_budget = torch.from_numpy(self.edges @ weights)  # (N,)
         cell_budget[seeds] = 0.0  # already in the subgraph
         gene_budget[genes1] = 0.0
         cells2 = _draw(cell_budget, num_samples[1], generator)
@@ -277,12 +299,16 @@ class CellGeneGraph:
         return self.view(torch.cat([seeds, cells2]), torch.cat([genes1, genes2]), generator, max_neighbors)
 
 
-def mean_rows(edges):
-    """Row-normalized 0/1 adjacency (R, C): ``mean_rows(A) @ h`` is the mean over neighbours.
+def mean_rows(rows, cols, shape):
+    """`SparseMatrix` (R, C) of the edges ``(rows[e], cols[e])`` with each row's entries ``1 / its edges``.
 
-    Rows without a neighbour stay 0 (PyG's mean of nothing); the clamp avoids 0 / 0.
+    ``mean_rows(...) @ h`` is the mean of h over each row's neighbours; a row without a neighbour
+    stays 0 (PyG's mean of nothing).
     """
-    return edges / edges.sum(1, keepdim=True).clamp(min=1.0)
+    per_row = np.bincount(rows, minlength=shape[0])  # >= 1 wherever a row has an edge
+    matrix = sp.csr_matrix((1.0 / per_row[rows], (rows, cols)), shape=shape)
+    matrix.sort_indices()
+    return SparseMatrix(matrix)
 
 
 def _draw(budget, k, generator):
@@ -293,10 +319,9 @@ def _draw(budget, k, generator):
     return candidates[torch.multinomial(budget[candidates] ** 2, k, replacement=False, generator=generator)]
 
 
-def drop_columns(x, p, generator):
-    """``x`` (R, C) with each column zeroed with probability ``p`` (``src/transform.py``)."""
-    keep = torch.rand(x.shape[1], generator=generator) >= p  # (C,), drawn where the generator is
-    return x * keep.to(x.device, x.dtype)
+def column_mask(n_columns, p, generator):
+    """Float 0/1 (C,): each of ``n_columns`` feature columns zeroed with probability ``p`` (``src/transform.py``)."""
+    return (torch.rand(n_columns, generator=generator) >= p).float()  # drawn where the generator is
 
 
 # ----------------------------------------------------------------------------- the torch module
@@ -326,8 +351,8 @@ class SCGPCLModule(nn.Module):
         self.gene_embedding = nn.Embedding(n_genes, latent)  # gene node features
         # layer 1 (SAGEConv per edge type: lin_l on the neighbours' mean, with bias; lin_r on self)
         self.cell_from_gene = nn.Linear(latent, hidden)  # genes -> cell, lin_l
-        self.cell_self = nn.Linear(n_genes, hidden, bias=False)  # lin_r
-        self.gene_from_cell = nn.Linear(n_genes, hidden)  # cells -> gene, lin_l
+        self.cell_self = GeneLinear(n_genes, hidden, bias=False)  # lin_r (weight (M, H); sparse input)
+        self.gene_from_cell = GeneLinear(n_genes, hidden)  # cells -> gene, lin_l
         self.gene_self = nn.Linear(latent, hidden, bias=False)  # lin_r
         self.cell_norm1, self.gene_norm1 = nn.BatchNorm1d(hidden), nn.BatchNorm1d(hidden)
         # layer 2: only the cells' output is used
@@ -341,20 +366,23 @@ class SCGPCLModule(nn.Module):
         self.mu = nn.Parameter(torch.zeros(n_clusters, latent))  # DEC centres (set by k-means)
         self.register_buffer("gene_states", torch.zeros(n_genes, hidden))
 
-    def encode(self, cell_x, gene_x, cell_from_gene, gene_from_cell):
+    def encode(self, cell_x, gene_x, cell_from_gene, gene_from_cell, columns=None):
         """Cell representations (Nc, d) and the genes' layer-1 states (Mg, H) of a (sub)graph.
 
         Parameters
         ----------
-        cell_x : Tensor, shape (Nc, M)
+        cell_x : `ScaledSparse` or Tensor, shape (Nc, M)
             Scaled expression of the subgraph's cells.
         gene_x : Tensor, shape (Mg, d)
             Gene embeddings of its genes.
-        cell_from_gene, gene_from_cell : Tensor, shapes (Nc, Mg), (Mg, Nc)
+        cell_from_gene, gene_from_cell : `SparseMatrix` or Tensor, shapes (Nc, Mg), (Mg, Nc)
             Mean-aggregation matrices (`CellGeneGraph.view`).
+        columns : Tensor, shape (M,), optional
+            0/1 mask of the cell features' columns (the view's feature masking, `column_mask`).
         """
         # one product of the wide cell features for both of their linear maps: (Nc, 2H)
-        xw = cell_x @ torch.cat([self.gene_from_cell.weight, self.cell_self.weight]).T
+        weight = torch.cat([self.gene_from_cell.weight, self.cell_self.weight], 1)  # (M, 2H)
+        xw = gene_linear(cell_x, weight if columns is None else weight * columns[:, None])
         hidden = self.cell_self.out_features
         # lin_l(mean of neighbours) = mean of lin_l without bias, plus the bias (also for no neighbour)
         h_gene = gene_from_cell @ xw[:, :hidden] + self.gene_from_cell.bias + self.gene_self(gene_x)  # (Mg, H)
@@ -370,7 +398,7 @@ class SCGPCLModule(nn.Module):
             ``cell_self(cell_x)``: layer 1's map of the cells' own features.
         gene_x : Tensor, shape (Mg, d)
             Gene embeddings.
-        cell_from_gene : Tensor, shape (Nc, Mg)
+        cell_from_gene : `SparseMatrix` or Tensor, shape (Nc, Mg)
             Mean aggregation over each cell's genes.
         gene_states : Tensor, shape (Mg, H)
             The genes' layer-1 states (after batch norm).
@@ -380,7 +408,7 @@ class SCGPCLModule(nn.Module):
              + self.cell_self2(h_cell))  # (Nc, d)
         return self.cell_norm2(z)
 
-    def embed(self, cell_x, counts):
+    def embed(self, cell_x, cell_from_gene):
         """Representations (B, d) of cells joined to the training graph by their gene edges.
 
         Layer 2 reads the genes' stored training-graph states (``gene_states``), so each cell's
@@ -388,13 +416,13 @@ class SCGPCLModule(nn.Module):
 
         Parameters
         ----------
-        cell_x : Tensor, shape (B, M)
+        cell_x : `ScaledSparse` or Tensor, shape (B, M)
             Scaled expression (`preprocess` with the training statistics).
-        counts : Tensor, shape (B, M)
-            Raw counts: an edge to every gene with a non-zero count.
+        cell_from_gene : `SparseMatrix` or Tensor, shape (B, M)
+            Mean aggregation over each cell's expressed genes (``CellGeneGraph(counts).view()``).
         """
-        return self.encode_cells(cell_x @ self.cell_self.weight.T, self.gene_embedding.weight,
-                                 mean_rows((counts > 0).float()), self.gene_states)
+        return self.encode_cells(self.cell_self(cell_x), self.gene_embedding.weight, cell_from_gene,
+                                 self.gene_states)
 
     def decode(self, z, n_rows=None):
         """ZINB mean, dispersion and dropout (each (n_rows, M)) of the first ``n_rows`` of z (Nc, d)."""
@@ -428,8 +456,8 @@ def instance_nce(rep1, rep2, tau):
     """
     n = rep1.shape[0]
     z = F.normalize(torch.cat([rep1, rep2]), dim=1)  # (2B, d)
-    logits = z @ z.T / tau  # (2B, 2B)
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # no self pair
+    logits = (z @ z.T).div_(tau)  # (2B, 2B); in place: neither product nor division needs it for the gradient
+    logits.fill_diagonal_(float("-inf"))  # no self pair
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # the other view of the same cell
     return F.cross_entropy(logits, target)
 
@@ -509,14 +537,15 @@ class SCGPCL(Model):
         counts, sf, features, stats = preprocess(data.X[:, self.genes_])
         self.median_total_, self.feature_mean_, self.feature_scale_ = (stats["median_total"], stats["mean"],
                                                                        stats["scale"])
-        counts, sf, features = torch.from_numpy(counts), torch.from_numpy(sf), torch.from_numpy(features)
         graph = CellGeneGraph(counts)
+        count_rows = CSRCounts(counts, device=device)  # the ZINB's targets, read by seed cells
+        sf = torch.from_numpy(sf)
         k = self.n_clusters_
         module = self.module_ = self._build_module().to(device)
         generator = torch.Generator().manual_seed(seed)
         rng = np.random.RandomState(seed)
         full = {key: value.to(device) for key, value in graph.view().items()}
-        full_features = features.to(device)
+        full_features = features[:].to(device)
         proto_counts = granularities(k, cfg.granularity)
 
         @torch.no_grad()
@@ -529,16 +558,20 @@ class SCGPCL(Model):
             module.train(was_training)
             return out
 
-        def forward(seeds, counts, sf):
+        def forward(seeds, sf):
             """One training view of the seed cells: representations (B, d) and ZINB loss."""
-            v = graph.sample(seeds.cpu(), cfg.num_samples, generator, cfg.max_neighbors)
-            cell_x = drop_columns(features[v["cells"]], cfg.drop_feature, generator).to(device)
-            gene_x = drop_columns(module.gene_embedding.weight[v["genes"].to(device)], cfg.drop_feature, generator)
+            seeds = seeds.cpu()
+            v = graph.sample(seeds, cfg.num_samples, generator, cfg.max_neighbors)
+            columns = column_mask(graph.n_genes, cfg.drop_feature, generator).to(device)  # the cells' features
+            cell_x = features[v["cells"]].to(device)
+            gene_x = module.gene_embedding.weight[v["genes"].to(device)]
+            gene_x = gene_x * column_mask(gene_x.shape[1], cfg.drop_feature, generator).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                z, _ = module.encode(cell_x, gene_x, v["cell_from_gene"].to(device), v["gene_from_cell"].to(device))
+                z, _ = module.encode(cell_x, gene_x, v["cell_from_gene"].to(device), v["gene_from_cell"].to(device),
+                                     columns)
                 mean, disp, pi = module.decode(z, seeds.numel())
             z = z[:seeds.numel()].float()
-            return z, zinb_loss(counts, mean, disp, pi, sf)
+            return z, zinb_loss(count_rows.rows(seeds.numpy()), mean, disp, pi, sf)
 
         def pretrain_loss(module, batch, proto_weight):
             rep1, recon1 = forward(*batch)
@@ -567,7 +600,7 @@ class SCGPCL(Model):
             previous["labels"] = labels
             return stop
 
-        per_cell = (torch.arange(graph.n_cells), counts, sf)  # minibatches: seed cells, their counts, size factors
+        per_cell = (torch.arange(graph.n_cells), sf)  # minibatches: seed cells, their size factors
         start = time.perf_counter()
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         history = train(module, pretrain_loss, per_cell, optimizer, epochs=cfg.epochs,
@@ -617,8 +650,13 @@ class SCGPCL(Model):
         """Encoder output of every cell joined to the training graph (`SCGPCLModule.embed`), (N, d)."""
         stats = {"median_total": self.median_total_, "mean": self.feature_mean_, "scale": self.feature_scale_}
         counts, _, features, _ = preprocess(data.X[:, self.genes_], stats)
-        x = torch.from_numpy(np.stack([features, counts], axis=1))  # (N, 2, M'): moved to the device by rows
-        return predict(lambda rows: self.module_.embed(rows[:, 0], rows[:, 1]), x, device=self.device_)
+        out = []
+        with torch.no_grad():
+            for lo in range(0, counts.shape[0], EMBED_BATCH_ROWS):  # row batches: a cell's result is its own
+                rows = slice(lo, lo + EMBED_BATCH_ROWS)
+                own_genes = CellGeneGraph(counts[rows]).view()["cell_from_gene"].to(self.device_)
+                out.append(self.module_.embed(features[rows].to(self.device_), own_genes).cpu())
+        return torch.cat(out).numpy()
 
     def _predict(self, data):
         """argmax of DEC's soft assignment of every cell to the learned centres, int64 (N,)."""
