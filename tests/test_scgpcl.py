@@ -14,8 +14,9 @@ from sklearn.metrics import adjusted_rand_score
 from cellembed.data.checks import DataError
 from cellembed.likelihoods import CSRCounts, zinb_loss
 from cellembed.models import load_model
-from cellembed.models.scgpcl import (SCGPCL, CellGeneGraph, SCGPCLModule, column_mask, dec_kl, granularities,
-                                     instance_nce, preprocess, proto_nce, select_genes, target_distribution)
+from cellembed.models.scgpcl import (SCGPCL, CellGeneGraph, SCGPCLConfig, SCGPCLModule, column_mask, dec_kl,
+                                     epoch_budget, granularities, instance_nce, preprocess, proto_nce, select_genes,
+                                     target_distribution)
 from cellembed.preprocessing import scale
 
 FAST = dict(epochs=6, warmup=3, fine_epochs=6, batch_size=64, num_samples=(64, 32), layers=(32, 8), kmeans_n_init=4)
@@ -198,6 +199,14 @@ def test_gene_selection_and_preprocessing():
     np.testing.assert_array_equal(counts1.toarray(), counts[[2]].toarray())
     np.testing.assert_array_equal(sf1, sf[[2]])
     np.testing.assert_array_equal(features1[:].dense().numpy(), dense[[2]])
+
+
+def test_epoch_budget_follows_the_data_size_above_20000_cells():
+    default = SCGPCLConfig()
+    assert epoch_budget(default, 20_000) == (200, 100, 200)  # the source's, up to 20,000 cells
+    assert epoch_budget(default, 100_000) == (40, 20, 40)  # the steps of 20,000 cells
+    assert epoch_budget(SCGPCLConfig(scale_epochs=False), 100_000) == (200, 100, 200)
+    assert epoch_budget(SCGPCLConfig(epochs=3, warmup=1, fine_epochs=2), 10**7) == (1, 0, 1)
 
 
 def test_planted_clusters_recovered_and_same_seed_same_clusters():
