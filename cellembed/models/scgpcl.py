@@ -32,7 +32,10 @@ graph is a scipy CSR matrix and each view's two mean aggregations torch CSR matr
 zero count's z-score is a per-gene offset folded into the first layer, `cellembed.sparse_nn`;
 the view's column masking multiplies that layer's weight rows); the ZINB's NB terms are evaluated
 at the stored counts only (`zinb_loss` on `CSRCounts`). Only the decoder's heads are B x M dense:
-the ZINB of every zero needs them. At 10x PBMC this made a step 1.5-2x faster and a run 2.3x.
+the ZINB of every zero needs them. On 10x PBMC a pre-training epoch went from 3.1 s to 1.7 s,
+a run from 422 s to 247 s on the mean over seeds (docs/models.md).
+At the defaults, seeds 0-4 (`compare.py`): ``ari_own`` 0.577 +- 0.072 on 10x_pbmc (the source
+reports 0.6805) and 0.601 +- 0.038 on mouse_bladder (the source: 0.4562), 247 s and 252 s a run.
 
 Deviations (each for a stated reason):
 
