@@ -37,17 +37,10 @@ class CSRCounts:
         csr.sort_indices()
         self.scipy = csr
         self.dtype, self.device = dtype, device
-        csc = csr.tocsc()  # same entries, column-major: the transposed CSR's pattern
-        # position in csr.data of every entry of csc.data
-        order = sp.csr_matrix(
-            (np.arange(csr.nnz, dtype=np.float64), csr.indices, csr.indptr), shape=csr.shape
-        ).tocsc()
         self.shape = csr.shape
         self.nnz = csr.nnz
-        as_long = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)  # noqa: E731
-        self.crow, self.col = as_long(csr.indptr), as_long(csr.indices)
-        self.t_crow, self.t_col = as_long(csc.indptr), as_long(csc.indices)
-        self.t_perm = as_long(order.data)
+        self.crow, self.col = _as_long(csr.indptr, device), _as_long(csr.indices, device)
+        self._transposed = None  # (t_crow, t_col, t_perm), made on first use (`csr_t`)
         self.values = torch.as_tensor(csr.data, dtype=dtype, device=device)
         self.pattern = torch.sparse_csr_tensor(self.crow, self.col, self.values, size=self.shape,
                                                check_invariants=False)
@@ -63,9 +56,16 @@ class CSRCounts:
 
     def csr_t(self, values):
         """The transpose (M, N) of `csr`, as a CSR tensor."""
-        return torch.sparse_csr_tensor(
-            self.t_crow, self.t_col, values[self.t_perm], size=self.shape[::-1], check_invariants=False
-        )
+        if self._transposed is None:  # only the gradients of a product need it (not the ZINB)
+            csr = self.scipy
+            csc = csr.tocsc()  # same entries, column-major: the transposed CSR's pattern
+            # position in csr.data of every entry of csc.data
+            order = sp.csr_matrix(
+                (np.arange(csr.nnz, dtype=np.float64), csr.indices, csr.indptr), shape=csr.shape
+            ).tocsc()
+            self._transposed = tuple(_as_long(a, self.device) for a in (csc.indptr, csc.indices, order.data))
+        t_crow, t_col, t_perm = self._transposed
+        return torch.sparse_csr_tensor(t_crow, t_col, values[t_perm], size=self.shape[::-1], check_invariants=False)
 
     def dense(self):
         """The counts as a dense (N, M) tensor."""
@@ -82,6 +82,11 @@ class CSRCounts:
                                            self.crow.diff())
             self._flat = rows * self.shape[1] + self.col
         return self._flat
+
+
+def _as_long(array, device):
+    """An index array as an int64 Tensor on ``device``."""
+    return torch.as_tensor(np.asarray(array, dtype=np.int64), device=device)
 
 
 class _SparseCategoricalNLL(torch.autograd.Function):
