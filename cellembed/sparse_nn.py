@@ -18,7 +18,7 @@ against autograd on the dense rows.
 
 `SparseMatrix` is a constant sparse matrix times a dense one with autograd to the dense operand
 (scGPCL's mean aggregation over a cell-gene graph): ``A @ h`` forward, ``A^T @ grad`` backward,
-with ``A^T`` kept as a CSR matrix of its own.
+with ``A^T`` a CSR matrix of its own, made when a gradient first needs it.
 """
 
 from __future__ import annotations
@@ -153,24 +153,25 @@ def scaled_sparse_mse(batch, g, layer):
 
 
 class _SparseProduct(torch.autograd.Function):
-    """``matrix @ dense`` (R, d) for a constant sparse ``matrix`` (R, C); the gradient of ``dense`` (C, d)."""
+    """``A @ dense`` (R, d) for a constant `SparseMatrix` A (R, C); the gradient of ``dense`` (C, d)."""
 
     @staticmethod
-    def forward(ctx, dense, matrix, transposed):
-        ctx.transposed = transposed
-        return matrix @ dense
+    def forward(ctx, dense, sparse):
+        ctx.sparse = sparse
+        return sparse.matrix @ dense
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.transposed @ grad, None, None
+        return ctx.sparse.transposed @ grad, None
 
 
 class SparseMatrix:
     """A constant sparse matrix A (R, C) that multiplies dense ones: ``A @ h`` (R, d), with autograd to h.
 
-    Kept as two torch CSR tensors, A and its transpose (the gradient ``A^T @ grad``: a CSR
-    product, faster than torch's product with a transposed CSR). Products are in float32, also
-    under autocast (no bfloat16 sparse kernels on the CPU).
+    Kept as a torch CSR tensor; its transpose, which the gradient ``A^T @ grad`` needs (a CSR
+    product, faster than torch's product with a transposed CSR), is made from the scipy matrix
+    on first use, so a product without gradients (a full-graph pass) never holds it. Products
+    are in float32, also under autocast (no bfloat16 sparse kernels on the CPU).
 
     Parameters
     ----------
@@ -179,10 +180,18 @@ class SparseMatrix:
     """
 
     def __init__(self, matrix, device="cpu"):
-        csr = sp.csr_matrix(matrix, dtype=np.float32)
-        csc = csr.tocsc()  # its arrays are the CSR arrays of the transpose
+        self._scipy = sp.csr_matrix(matrix, dtype=np.float32)  # its arrays shared with `matrix`, on the CPU
+        csr = self._scipy
         self.matrix = csr_tensor(csr.indptr, csr.indices, csr.data, csr.shape).to(device)
-        self.transposed = csr_tensor(csc.indptr, csc.indices, csc.data, csr.shape[::-1]).to(device)
+        self._transposed = None
+
+    @property
+    def transposed(self):
+        """A^T (C, R) as a torch CSR tensor, made on first use."""
+        if self._transposed is None:
+            csc = self._scipy.tocsc()  # its arrays are the CSR arrays of the transpose
+            self._transposed = csr_tensor(csc.indptr, csc.indices, csc.data, csc.shape[::-1]).to(self.device)
+        return self._transposed
 
     @property
     def shape(self):
@@ -199,7 +208,8 @@ class SparseMatrix:
         if torch.device(device) == self.device:
             return self
         moved = SparseMatrix.__new__(SparseMatrix)
-        moved.matrix, moved.transposed = self.matrix.to(device), self.transposed.to(device)
+        moved._scipy, moved.matrix = self._scipy, self.matrix.to(device)
+        moved._transposed = None if self._transposed is None else self._transposed.to(device)
         return moved
 
     def dense(self):
@@ -209,4 +219,4 @@ class SparseMatrix:
     def __matmul__(self, dense):
         """``A @ dense`` for a Tensor (C, d): Tensor (R, d) float32."""
         with torch.autocast(self.device.type, enabled=False):
-            return _SparseProduct.apply(dense.float(), self.matrix, self.transposed)
+            return _SparseProduct.apply(dense.float(), self)

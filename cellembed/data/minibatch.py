@@ -240,7 +240,7 @@ class ScaledSparseRows(SparseRows):
 
 
 def csr_tensor(indptr, indices, data, shape):
-    """A torch sparse CSR tensor of scipy's arrays (int32 indices; the data shared)."""
-    return torch.sparse_csr_tensor(torch.from_numpy(indptr.astype(np.int32)),
-                                   torch.from_numpy(indices.astype(np.int32)), torch.from_numpy(data),
+    """A torch sparse CSR tensor of scipy's arrays (int32 indices; the data, and int32 indices, shared)."""
+    return torch.sparse_csr_tensor(torch.from_numpy(indptr.astype(np.int32, copy=False)),
+                                   torch.from_numpy(indices.astype(np.int32, copy=False)), torch.from_numpy(data),
                                    size=tuple(shape), check_invariants=False)
