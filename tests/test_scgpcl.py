@@ -9,6 +9,7 @@ import scipy.sparse as sp
 import torch
 from conftest import make_counts
 from scipy import stats
+from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from cellembed.data.checks import DataError
@@ -206,6 +207,8 @@ def test_epoch_budget_follows_the_data_size_above_20000_cells():
     assert epoch_budget(default, 20_000) == (200, 100, 200)  # the source's, up to 20,000 cells
     assert epoch_budget(default, 100_000) == (40, 20, 40)  # the steps of 20,000 cells
     assert epoch_budget(SCGPCLConfig(scale_epochs=False), 100_000) == (200, 100, 200)
+    assert epoch_budget(SCGPCLConfig(fine_epochs=0), 20_000) == (200, 100, 0)  # no fine-tuning
+    assert epoch_budget(SCGPCLConfig(fine_epochs=0), 10**7) == (1, 0, 0)  # 0 stays 0 (scaled_epochs gives >= 1)
     assert epoch_budget(SCGPCLConfig(epochs=3, warmup=1, fine_epochs=2), 10**7) == (1, 0, 1)
 
 
@@ -227,6 +230,19 @@ def test_planted_clusters_recovered_and_same_seed_same_clusters():
         first.get_latent(adata[:, :30])
     with pytest.raises(ValueError, match="unknown precision"):
         SCGPCL(precision="fp8", **FAST).fit(adata, labels_key="Celltype")
+
+
+def test_without_fine_tuning_the_clusters_are_the_kmeans_of_the_pretrained_latent():
+    """``fine_epochs=0``: argmax of the Student-t assignment to k-means' centres is k-means' own
+    labels on the latent, and no fine-tuning epoch runs."""
+    adata = make_counts(n_per_type=40, n_types=3, n_genes=60, seed=2)
+    model = SCGPCL(**{**FAST, "fine_epochs": 0}).fit(adata, n_clusters=3, seed=1)
+    assert {row["phase"] for row in model.history} == {"pretrain"} and model.timings_["finetune_epochs"] == 0
+    z = model.get_latent(adata)
+    km = KMeans(3, n_init=FAST["kmeans_n_init"], random_state=1).fit(z.astype(np.float64))
+    np.testing.assert_allclose(model.module_.mu.detach().numpy(), km.cluster_centers_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.predict(adata), km.labels_)
+    assert len(np.unique(km.labels_)) == 3
 
 
 @pytest.fixture(scope="module")
