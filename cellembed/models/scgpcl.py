@@ -43,9 +43,9 @@ With and without fine-tuning, on the same pre-trained models (seeds 0-4, ARI of 
 after DEC against those of the k-means that starts it, which ``fine_epochs=0`` predicts;
 docs/models.md): 10x_pbmc 0.577 +- 0.072 against 0.735 +- 0.003 (DEC lowers every seed and
 splits the seeds into two outcomes), mouse_bladder 0.601 +- 0.038 against 0.585 +- 0.032,
-mouse_pancreas 0.572 +- 0.080 against 0.402 +- 0.015, pbmc3k 0.653 +- 0.004 against 0.625 +- 0.008; mean over the four sets
-0.601 against 0.587. The source's fine-tuning stays the default (the better mean); a per-set choice would
-be tuning on the labels.
+mouse_pancreas 0.572 +- 0.080 against 0.402 +- 0.015, pbmc3k 0.653 +- 0.004 against
+0.625 +- 0.008; mean over the four sets 0.601 against 0.587. The source's fine-tuning stays the
+default (the better mean); a per-set choice would be tuning on the labels.
 
 Deviations (each for a stated reason):
 
