@@ -32,13 +32,18 @@ from torch.nn import functional as F
 from cellembed.data.minibatch import ScaledSparse, csr_tensor
 
 
-class _SparseLinear(torch.autograd.Function):
+def _affine(values, offset, weight, bias):
     """``(S + o) @ weight + bias`` (B, h) for a sparse CSR ``S`` (B, M), ``weight`` (M, h), ``bias`` (h,)."""
+    return (values @ weight).add_(torch.addmv(bias, weight.t(), offset))  # S W + (W^T o + b)
+
+
+class _SparseLinear(torch.autograd.Function):
+    """`_affine` with the gradients of ``weight`` and ``bias`` (from ``transposed``, S^T (M, B))."""
 
     @staticmethod
     def forward(ctx, values, transposed, offset, weight, bias):
         ctx.save_for_backward(transposed, offset)
-        return (values @ weight).add_(torch.addmv(bias, weight.t(), offset))  # S W + (W^T o + b)
+        return _affine(values, offset, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -59,7 +64,11 @@ def gene_linear(x, weight, bias=None):
     if bias is None:
         bias = weight.new_zeros(weight.shape[1])
     with torch.autocast(x.device.type, enabled=False):
-        return _SparseLinear.apply(x.values, x.transposed, x.offset, weight.float(), bias.float())
+        weight, bias = weight.float(), bias.float()
+        if not (torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)):
+            # no gradient: the forward alone, and the batch's transpose (backward's) is never made
+            return _affine(x.values, x.offset, weight, bias)
+        return _SparseLinear.apply(x.values, x.transposed, x.offset, weight, bias)
 
 
 class GeneLinear(nn.Module):

@@ -61,6 +61,21 @@ def test_gene_linear_and_its_gradients_equal_a_linear_layer_on_the_dense_rows(ma
     torch.testing.assert_close(layer(batch.dense()), out, rtol=1e-5, atol=1e-5)  # dense rows too
 
 
+def test_a_pass_without_gradients_never_transposes_the_batch():
+    """An embedding pass (no_grad) computes the layer without the transpose that only backward reads."""
+    rows, L = scaled_rows()
+    batch = rows[torch.arange(40)]
+    layer = GeneLinear(L.shape[1], 16)
+    with torch.no_grad():
+        out = layer(batch)
+        dense_out = torch.nn.functional.linear(batch.dense(), layer.weight.t(), layer.bias)
+    torch.testing.assert_close(out, dense_out, rtol=1e-5, atol=1e-5)
+    assert callable(batch._transposed)  # not made
+    layer(batch).sum().backward()  # with a gradient it is made, once, and kept
+    assert not callable(batch._transposed)
+    np.testing.assert_allclose(batch.transposed.to_dense().numpy(), batch.values.to_dense().numpy().T)
+
+
 @pytest.mark.parametrize("max_value", [None, 1.5])
 def test_scaled_sparse_mse_and_its_gradients_equal_the_dense_squared_error(max_value):
     rows, L = scaled_rows(max_value)

@@ -159,15 +159,25 @@ class ScaledSparse:
     ----------
     values : Tensor, sparse CSR, shape (B, M), float32
         Each stored entry's z-score minus its gene's ``offset``; the pattern of the counts.
-    transposed : Tensor, sparse CSR, shape (M, B), float32
-        The same matrix transposed (the gradients of a weight need ``values.T @ grad``, which
-        a CSR matrix of the transpose computes fastest).
     offset : Tensor, shape (M,), float32
         Every gene's z-score of a zero count.
+    transposed : Tensor, sparse CSR, shape (M, B), float32, or callable
+        The same matrix transposed (the gradients of a weight need ``values.T @ grad``, which
+        a CSR matrix of the transpose computes fastest), or a function of no argument that makes
+        it: then it is made on first use (`transposed`), which a pass without gradients (an
+        embedding of every cell) never reaches.
     """
 
-    def __init__(self, values, transposed, offset):
-        self.values, self.transposed, self.offset = values, transposed, offset
+    def __init__(self, values, offset, transposed):
+        self.values, self.offset = values, offset
+        self._transposed = transposed
+
+    @property
+    def transposed(self):
+        """``values`` transposed, Tensor sparse CSR (M, B), made on first use."""
+        if callable(self._transposed):
+            self._transposed = self._transposed()
+        return self._transposed
 
     @property
     def shape(self):
@@ -180,10 +190,12 @@ class ScaledSparse:
         return self.offset.device
 
     def to(self, device):
-        """This batch on ``device`` (the same object where it already is)."""
+        """This batch on ``device`` (the same object where it already is; a transpose not made yet
+        is made where this batch is, then moved)."""
         if torch.device(device) == self.device:
             return self
-        return ScaledSparse(self.values.to(device), self.transposed.to(device), self.offset.to(device))
+        transposed = (lambda: self.transposed.to(device)) if callable(self._transposed) else self._transposed.to(device)
+        return ScaledSparse(self.values.to(device), self.offset.to(device), transposed)
 
     def dense(self):
         """The z-scored rows, Tensor (B, M) float32."""
@@ -234,9 +246,12 @@ class ScaledSparseRows(SparseRows):
     def __getitem__(self, index):
         """The rows ``index`` (a slice, or integer indices: LongTensor or ndarray (B,)), `ScaledSparse`."""
         rows = self._rows(index)
-        cols = rows.tocsc()  # its arrays are the CSR arrays of the transpose
-        return ScaledSparse(csr_tensor(rows.indptr, rows.indices, rows.data, rows.shape),
-                            csr_tensor(cols.indptr, cols.indices, cols.data, rows.shape[::-1]), self.offset)
+
+        def transposed():  # scipy's CSC arrays are the CSR arrays of the transpose (10x torch's conversion)
+            cols = rows.tocsc()
+            return csr_tensor(cols.indptr, cols.indices, cols.data, rows.shape[::-1])
+
+        return ScaledSparse(csr_tensor(rows.indptr, rows.indices, rows.data, rows.shape), self.offset, transposed)
 
 
 def csr_tensor(indptr, indices, data, shape):
