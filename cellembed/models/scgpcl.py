@@ -654,7 +654,7 @@ class SCGPCL(Model):
 
         # fine-tuning: DEC initialized by k-means
         start = time.perf_counter()
-        z = full_graph()[0]
+        z, gene_states = full_graph()
         km = KMeans(k, n_init=cfg.kmeans_n_init, random_state=seed).fit(z.cpu().double().numpy())
         with torch.no_grad():
             module.mu.copy_(torch.as_tensor(km.cluster_centers_, dtype=torch.float32))
@@ -669,8 +669,6 @@ class SCGPCL(Model):
             state["labels"] = labels
             return changed
 
-        refresh(z)
-
         def finetune_loss(module, batch, weight):
             rep, recon = forward(*batch)
             kl = dec_kl(state["p"][batch[0]], module.soft_assign(rep))
@@ -682,11 +680,13 @@ class SCGPCL(Model):
 
         fine = []
         if fine_epochs:  # 0: no fine-tuning, the clusters stay the k-means centres' (module docstring)
+            refresh(z)  # DEC's first target
             optimizer = torch.optim.Adadelta(module.parameters(), lr=cfg.fine_lr, rho=cfg.fine_rho,
                                              weight_decay=cfg.weight_decay)
             fine = train(module, finetune_loss, per_cell, optimizer, epochs=fine_epochs,
                          batch_size=cfg.batch_size, seed=seed + 1, on_epoch=labels_stable, desc="scgpcl fine-tune")
-        module.gene_states.copy_(full_graph()[1])  # what `embed` joins cells to
+            gene_states = full_graph()[1]  # the fine-tuned encoder's
+        module.gene_states.copy_(gene_states)  # what `embed` joins cells to
         self.timings_ = {"pretrain_s": pretrain_s, "finetune_s": time.perf_counter() - start,
                          "pretrain_epochs": len(history), "finetune_epochs": len(fine)}
         self.history = ([{"phase": "pretrain", **row} for row in history]
