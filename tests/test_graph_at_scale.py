@@ -14,7 +14,8 @@ from sklearn.metrics import adjusted_rand_score
 from cellembed.data import LABEL_KEY, load_dataset
 from cellembed.evaluation import metrics
 from cellembed.evaluation.clustering import knn, knn_graph_pattern, louvain_labels
-from cellembed.evaluation.graph import APPROX_ABOVE, _self_first, approximate_knn, connectivities, neighbours
+from cellembed.evaluation.graph import (APPROX_ABOVE, _cache_compilations, _self_first, approximate_knn, connectivities,
+                                        neighbours)
 
 # recall measured on the 4,271 real 10x PBMC cells' 16 PCs: 0.99990-0.99995 (seeds 0-2), i.e. about one
 # edge in 10,000 missed; the bound allows 50 times that
@@ -75,6 +76,18 @@ def test_approximate_knn_depends_on_the_seed_only_not_on_the_threads(pbmc_pcs):
     np.testing.assert_array_equal(one[1], many[1])
     other = approximate_knn(embed, 30, seed=4)[0]
     assert 0 < (other != one[0]).sum() < 0.03 * other.size  # another seed: another search (0.3% of entries moved)
+
+
+def test_every_jitted_function_of_the_search_is_cached_on_disk():
+    from numba.core.caching import NullCache
+    from pynndescent import kernels, pynndescent_, utils
+
+    _cache_compilations()
+    _cache_compilations()  # idempotent
+    jitted = [f for m in (pynndescent_, utils, kernels) for f in vars(m).values()
+              if isinstance(f, numba.core.registry.CPUDispatcher)]
+    assert len(jitted) > 20 and pynndescent_.nn_descent in jitted
+    assert not [f.__name__ for f in jitted if isinstance(f._cache, NullCache)]
 
 
 def test_approximate_louvain_and_leiden_recover_planted_clusters():
