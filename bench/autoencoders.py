@@ -1,6 +1,7 @@
 """Speed and the source's own protocol for ``ae``, ``vae``, ``vsc`` on PBMC 3k (every gene).
 
-For every model and seed: train 200 epochs (the report's recipe, timed: seconds per model), then
+For every model and seed: train 200 epochs (the defaults, or ``:recipe=report`` / ``:recipe=code``:
+the report's text / its public code; timed: seconds per model), then
 the report's evaluation: t-SNE of the latent (perplexity 40), k-means with 9 clusters on the
 t-SNE coordinates, ARI and NMI against the 9 Seurat types; mean +- sd over the seeds, printed
 beside the report's numbers.
@@ -109,7 +110,7 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for spec, values in rows.items():
         v = np.array(values)
-        source = SOURCE.get(spec.partition(":")[0]) if spec.partition(":")[2] in ("", "recipe=code") else None
+        source = SOURCE.get(spec.partition(":")[0]) if spec.partition(":")[2] in ("", "recipe=report", "recipe=code") else None
         cols = [f"{m:.3f} +- {s:.3f}" for m, s in zip(v.mean(0), v.std(0, ddof=1) if len(v) > 1 else [0] * 3)]
         cols[0] = f"{v[:, 0].mean():.1f} +- {v[:, 0].std(ddof=1) if len(v) > 1 else 0:.1f}"
         src = f"{source[0]:.3f} / {source[1]:.3f}" if source else "-"
