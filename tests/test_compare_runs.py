@@ -190,7 +190,12 @@ def interrupt(argv, wait_for, cwd, timeout=300):
         time.sleep(1.0)  # in the middle of the imports
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
+    try:
+        rest, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # killed, so that it does not run on beside the next tests
+        proc.kill()
+        rest, _ = proc.communicate()
+        raise AssertionError(f"still running 60 s after SIGINT; its output:\n{output + rest}") from None
     return proc.returncode, output + rest, time.monotonic() - sent
 
 
