@@ -176,9 +176,15 @@ def test_help_lists_the_models():
 
 def interrupt(argv, wait_for, cwd, timeout=300):
     """Start a command, send SIGINT once ``wait_for`` appears in its output (stdout and stderr
-    together; None: at once), and return (exit code, output, seconds from SIGINT to exit)."""
+    together; None: at once), and return (exit code, output, seconds from SIGINT to exit).
+
+    The command starts with SIGINT's default action whatever this process inherited: a suite
+    started in the background by a shell without job control (``bash -c '... &'``) runs with
+    SIGINT ignored, which a child inherits and Python then keeps, so no Ctrl-C would reach it.
+    """
     proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output = ""
     deadline = time.monotonic() + timeout
     if wait_for is not None:
