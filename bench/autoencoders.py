@@ -110,7 +110,8 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for spec, values in rows.items():
         v = np.array(values)
-        source = SOURCE.get(spec.partition(":")[0]) if spec.partition(":")[2] in ("", "recipe=report", "recipe=code") else None
+        name, _, opts = spec.partition(":")
+        source = SOURCE.get(name) if opts in ("", "recipe=report", "recipe=code") else None
         cols = [f"{m:.3f} +- {s:.3f}" for m, s in zip(v.mean(0), v.std(0, ddof=1) if len(v) > 1 else [0] * 3)]
         cols[0] = f"{v[:, 0].mean():.1f} +- {v[:, 0].std(ddof=1) if len(v) > 1 else 0:.1f}"
         src = f"{source[0]:.3f} / {source[1]:.3f}" if source else "-"

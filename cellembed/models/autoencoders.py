@@ -52,7 +52,8 @@ previous release), ``ae:recipe=code`` 0.428 +- 0.048 (before its input was clipp
 report: 0.580; the linear code alone (``ae:code_relu=False``) 0.441 +- 0.033. The default ``vae``
 0.482 +- 0.040 (the report: 0.440), ``vae:latent=10`` 0.501 +- 0.039; ``vsc:recipe=report``
 (latent 6) 0.466 +- 0.020 and the default ``vsc`` (latent 10) 0.459 +- 0.034, the report 0.465.
-``vae:recipe=code``, seed 0: ARI 0.119 (clipped; unclipped, its loss became inf in epoch 40). ``max_value=10`` clips the z-scores as the report's Seurat ``ScaleData`` (``scale.max``) does; off
+``vae:recipe=code``, seed 0: ARI 0.119 (clipped; unclipped, its loss became inf in epoch 40).
+``max_value=10`` clips the z-scores as the report's Seurat ``ScaleData`` (``scale.max``) does; off
 by default until it is measured over seeds and data sets.
 
 Going beyond the source: ``likelihood="nb"`` (``ae`` and ``vae``) reads the raw counts instead
