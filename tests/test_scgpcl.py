@@ -60,6 +60,25 @@ def test_sampled_subgraph_starts_with_the_seeds_and_keeps_induced_edges():
     torch.testing.assert_close(view["gene_from_cell"].dense() > 0, sub.T > 0)
 
 
+def test_cell_budget_equals_the_direct_product_over_the_drawn_genes():
+    """Hop 2's budget read from the fewer edges (the drawn genes', or the others' subtracted) is the product."""
+    rng = np.random.default_rng(1)
+    counts = (rng.random((200, 60)) < 0.3) * rng.integers(1, 5, size=(200, 60))
+    counts[:, 59] = 0  # a gene without cells
+    counts[5] = 0  # a cell without genes
+    graph = CellGeneGraph(counts.astype(np.float32))
+    edges = (counts > 0).astype(np.float64)
+    inv_gene = 1.0 / np.maximum(edges.sum(0), 1)
+    for genes in [np.arange(60), np.arange(55), rng.choice(60, 40, replace=False),  # most genes: subtracted
+                  np.array([2, 7, 11]), np.array([], dtype=np.int64)]:  # few genes: read directly
+        weights = np.zeros(60)
+        weights[genes] = inv_gene[genes]
+        expected = edges @ weights
+        got = graph.cell_budget(genes)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+        assert np.array_equal(got > 0, expected > 0)  # no rounding residue where a cell has none of the genes
+
+
 def test_edge_cap_keeps_about_max_neighbors():
     counts = torch.ones(300, 400)  # every cell has 400 genes, every gene 300 cells
     view = CellGeneGraph(counts).view(generator=torch.Generator().manual_seed(0), max_neighbors=50)
@@ -202,12 +221,14 @@ def test_gene_selection_and_preprocessing():
     np.testing.assert_array_equal(features1[:].dense().numpy(), dense[[2]])
 
 
-def test_epoch_budget_follows_the_data_size_above_20000_cells():
+def test_epoch_budget_follows_the_data_size_above_5000_cells():
     default = SCGPCLConfig()
-    assert epoch_budget(default, 20_000) == (200, 100, 200)  # the source's, up to 20,000 cells
-    assert epoch_budget(default, 100_000) == (40, 20, 40)  # the steps of 20,000 cells
+    assert epoch_budget(default, 5_000) == (200, 100, 200)  # the source's, up to 5,000 cells
+    assert epoch_budget(default, 20_000) == (50, 25, 50)  # the steps of 5,000 cells
+    assert epoch_budget(default, 100_000) == (10, 5, 10)
+    assert epoch_budget(SCGPCLConfig(decay_cells=20_000), 100_000) == (40, 20, 40)  # scvi-tools' rule
     assert epoch_budget(SCGPCLConfig(scale_epochs=False), 100_000) == (200, 100, 200)
-    assert epoch_budget(SCGPCLConfig(fine_epochs=0), 20_000) == (200, 100, 0)  # no fine-tuning
+    assert epoch_budget(SCGPCLConfig(fine_epochs=0), 5_000) == (200, 100, 0)  # no fine-tuning
     assert epoch_budget(SCGPCLConfig(fine_epochs=0), 10**7) == (1, 0, 0)  # 0 stays 0 (scaled_epochs gives >= 1)
     assert epoch_budget(SCGPCLConfig(epochs=3, warmup=1, fine_epochs=2), 10**7) == (1, 0, 1)
 

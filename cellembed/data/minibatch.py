@@ -44,7 +44,7 @@ EMBED_BATCH_VALUES = 2**22
 EMBED_BATCH_ROWS = 4096  # `cellembed.training.predict`'s default
 
 
-def scaled_epochs(epochs, n_cells):
+def scaled_epochs(epochs, n_cells, decay_cells=None):
     """scvi-tools' epoch budget: ``epochs`` up to 20,000 cells, ``round(epochs * 20000 / N)`` above.
 
     scvi-tools' ``get_max_epochs_heuristic(n_obs, epochs_cap=400, decay_at_n_obs=20000)``
@@ -54,17 +54,22 @@ def scaled_epochs(epochs, n_cells):
     Parameters
     ----------
     epochs : int
-        The source's epochs (for data of up to 20,000 cells).
+        The source's epochs (for data of up to ``decay_cells`` cells).
     n_cells : int
         N, the training cells.
+    decay_cells : int, optional
+        The cells above which the epochs shrink (scvi-tools' ``decay_at_n_obs``; default
+        `EPOCHS_DECAY_CELLS`); a model whose step is far dearer than an autoencoder's bounds its
+        steps lower (`cellembed.models.scgpcl`).
 
     Returns
     -------
     int
     """
-    if n_cells <= EPOCHS_DECAY_CELLS:
+    decay_cells = EPOCHS_DECAY_CELLS if decay_cells is None else decay_cells
+    if n_cells <= decay_cells:
         return epochs
-    return max(1, round(epochs * EPOCHS_DECAY_CELLS / n_cells))
+    return max(1, round(epochs * decay_cells / n_cells))
 
 
 def check_solver(config, solvers, what=""):

@@ -49,9 +49,13 @@ default (the better mean); a per-set choice would be tuning on the labels.
 
 Deviations (each for a stated reason):
 
-- Above 20,000 cells the epochs of both phases and the warm-up shrink as 1 / N (``scale_epochs``,
-  scvi-tools' rule, as for the other minibatch models): the source's 200 + 200 epochs of 1024 seed
-  cells would grow linearly with N. The scDeepCluster sets are far below that threshold.
+- Above 5,000 cells the epochs of both phases and the warm-up shrink as 1 / N (``scale_epochs``,
+  ``decay_cells``; scvi-tools' rule, which the other minibatch models apply above 20,000 cells):
+  the source's 200 + 200 epochs of 1024 seed cells grow linearly with N (it trains 200 epochs on
+  its largest set, 27,499 cells, in 194 + 143 minutes). A step here costs 0.3-0.4 s on 2 cores,
+  30x an autoencoder's, so each phase keeps at most the source's steps on 5,000 cells (200 epochs
+  of 5 steps): 10 + 10 epochs at 100,000 cells (docs/speed.md). Every set of our leaderboards has
+  fewer than 5,000 cells; the source's 5,685-cell and 27,499-cell sets would train 176 and 36 epochs.
 
 - Evaluation is deterministic: batch norm in evaluation mode, no masking, every edge. The public
   code evaluates on sampled subgraphs (its embeddings are random). A cell's embedding is that of
@@ -145,22 +149,27 @@ class SCGPCLConfig:
     kmeans_n_init: int = 20  # predict_celltype / fine_tune: KMeans(n_init=20)
     proto_n_init: int = 1  # deviation: k-means restarts for the per-step prototypes (source 20)
     precision: str = "auto"  # training products in "bf16", "fp32", or "auto": bf16 where the device has it
-    # above 20,000 cells: round(x * 20000 / N) of epochs, warmup and fine_epochs (at least 1), so that
-    # the steps stay bounded (scvi-tools' rule, as the other minibatch models); False: always as set
+    # above decay_cells cells: round(x * decay_cells / N) of epochs, warmup and fine_epochs (at least 1),
+    # so that the steps stay bounded (scvi-tools' rule); False: always as set
     scale_epochs: bool = True
+    # deviation: 5,000, not scvi-tools' 20,000: a phase's steps stay at most the source's on a set of
+    # 5,000 cells (200 epochs of 5 steps); a step costs 30x an autoencoder's (module docstring)
+    decay_cells: int = 5000
 
 
 def epoch_budget(config, n_cells):
     """``(epochs, warmup, fine_epochs)`` of `SCGPCLConfig` ``config`` for ``n_cells`` training cells.
 
-    As set up to 20,000 cells; above, each scaled by `cellembed.data.minibatch.scaled_epochs`
-    (when ``config.scale_epochs``), the warm-up the same fraction of the pre-training.
+    As set up to ``config.decay_cells`` cells; above, each scaled by
+    `cellembed.data.minibatch.scaled_epochs` (when ``config.scale_epochs``), the warm-up the same
+    fraction of the pre-training.
     """
     if not config.scale_epochs:
         return config.epochs, config.warmup, config.fine_epochs
-    epochs = scaled_epochs(config.epochs, n_cells)
+    epochs = scaled_epochs(config.epochs, n_cells, config.decay_cells)
     warmup = config.warmup if epochs == config.epochs else round(config.warmup * epochs / config.epochs)
-    return epochs, warmup, scaled_epochs(config.fine_epochs, n_cells) if config.fine_epochs else 0
+    fine_epochs = scaled_epochs(config.fine_epochs, n_cells, config.decay_cells) if config.fine_epochs else 0
+    return epochs, warmup, fine_epochs
 
 
 # ----------------------------------------------------------------------------- data and graph
@@ -255,6 +264,8 @@ class CellGeneGraph:
         1.0 where a cell has a count of a gene.
     n_cells, n_genes, n_edges : int
     cell_degree, gene_degree : ndarray, (N,), (M,), float64
+    inv_cell, inv_gene : ndarray, (N,), (M,), float64
+        ``1 / degree`` (1 for a node without edges, which adds to no budget).
     """
 
     def __init__(self, counts):
@@ -266,6 +277,34 @@ class CellGeneGraph:
         self.cell_degree = np.diff(self.edges.indptr).astype(np.float64)
         self.gene_degree = np.bincount(self.edges.indices, minlength=self.n_genes).astype(np.float64)
         self.n_edges = self.edges.nnz
+        # 1 / deg of every node; a node without edges adds to no budget (max(1) avoids 1 / 0)
+        self.inv_cell = 1.0 / np.maximum(self.cell_degree, 1)  # (N,)
+        self.inv_gene = 1.0 / np.maximum(self.gene_degree, 1)  # (M,)
+        self._by_gene = None  # CSC copy of the edges and every cell's whole budget, made on first sample
+
+    def cell_budget(self, genes):
+        """Hop-2 budget of every cell, ``sum of 1 / deg(g)`` over its genes ``g`` in ``genes``, float64 (N,).
+
+        Reads only the edges of ``genes`` or of the other genes, whichever are fewer: every cell's
+        budget over all genes is computed once and the genes left out are subtracted. A training
+        step draws up to 2,048 genes, every gene of a 2,000-gene set: the direct product over all
+        N x M edges was 40 of the 58 ms of a view at 100,000 cells.
+        """
+        if self._by_gene is None:
+            self._by_gene = (self.edges.tocsc(), self.edges @ self.inv_gene)
+        by_gene, whole = self._by_gene
+        inside = np.zeros(self.n_genes, dtype=bool)
+        inside[genes] = True
+        per_gene = np.diff(by_gene.indptr)
+        if per_gene[inside].sum() <= per_gene[~inside].sum():
+            kept = np.flatnonzero(inside)
+            return by_gene[:, kept] @ self.inv_gene[kept]
+        left_out = np.flatnonzero(~inside)
+        budget = whole - by_gene[:, left_out] @ self.inv_gene[left_out]
+        # a positive budget is at least 1 / n_cells (one gene's 1 / deg): what lies below half of
+        # that is the subtraction's rounding, left where a cell has no edge to ``genes``
+        budget[budget < 0.5 / self.n_cells] = 0.0
+        return budget
 
     def view(self, cells=None, genes=None, generator=None, max_neighbors=50):
         """The (sub)graph on ``cells`` x ``genes`` as two mean-aggregation matrices.
@@ -326,15 +365,10 @@ class CellGeneGraph:
         dict
             `view`'s, with ``cells[:B] == seeds``.
         """
-        # 1 / deg of every node; a node without edges adds to no budget (max(1) avoids 1 / 0)
-        inv_cell = 1.0 / np.maximum(self.cell_degree, 1)  # (N,)
-        inv_gene = 1.0 / np.maximum(self.gene_degree, 1)  # (M,)
         s = seeds.numpy()
-        gene_budget = torch.from_numpy(self.edges[s].T @ inv_cell[s])  # (M,)
+        gene_budget = torch.from_numpy(self.edges[s].T @ self.inv_cell[s])  # (M,)
         genes1 = _draw(gene_budget, num_samples[0], generator)
-        weights = np.zeros(self.n_genes)
-        weights[genes1.numpy()] = inv_gene[genes1.numpy()]
-        cell_budget = torch.from_numpy(self.edges @ weights)  # (N,)
+        cell_budget = torch.from_numpy(self.cell_budget(genes1.numpy()))  # (N,)
         cell_budget[seeds] = 0.0  # already in the subgraph
         gene_budget[genes1] = 0.0
         cells2 = _draw(cell_budget, num_samples[1], generator)
