@@ -16,7 +16,8 @@ from cellembed.data import DataError
 from cellembed.data.markers import cell_cycle_genes, markers_present
 from cellembed.models import get_model, load_model
 from cellembed.models.jae import (JAE, PCAJoint, cell_cycle_scores, jae_loss, joint_features, log10_normalize,
-                                  svd_loadings, uniform_batch_loss)
+                                  normalized_blocks, svd_loadings, uniform_batch_loss)
+from cellembed.preprocessing import dense
 from tests.conftest import make_counts
 
 FAST = dict(epochs=3, n_components=10)
@@ -95,8 +96,10 @@ def test_log10_normalization_equals_the_direct_numpy_computation():
     X = rng.poisson(2.0, (20, 15)).astype(np.float64)
     X[3] = 0  # an empty cell stays zero
     direct = np.log10(1 + 1e4 * X / np.maximum(X.sum(1, keepdims=True), 1))
-    np.testing.assert_allclose(log10_normalize(sp.csr_matrix(X)), direct, rtol=1e-6)
+    from_sparse = log10_normalize(sp.csr_matrix(X))
+    assert sp.issparse(from_sparse) and from_sparse.nnz == np.count_nonzero(X)  # nothing made dense
     np.testing.assert_allclose(log10_normalize(X), direct, rtol=1e-6)
+    np.testing.assert_array_equal(from_sparse.toarray(), log10_normalize(X))  # the same values either way
 
 
 def test_joint_features_are_truncated_svd_of_rna_and_the_unreduced_proteins():
@@ -115,6 +118,17 @@ def test_joint_features_are_truncated_svd_of_rna_and_the_unreduced_proteins():
     reduced = joint_features(rna, prot, svd_loadings(rna, 5, 123), svd_loadings(prot, 5, 123))
     assert reduced.shape == (adata.n_obs, 5 + 5)  # ATAC: both modalities reduced
     assert svd_loadings(prot, 100, 123).shape == (12, 11)  # capped below the number of features
+
+
+def test_jae_trains_the_scaled_epochs_and_keeps_sparse_counts_sparse(monkeypatch):
+    from cellembed.data import minibatch
+
+    monkeypatch.setattr(minibatch, "EPOCHS_DECAY_CELLS", 45)  # 90 cells: half the epochs
+    adata = multimodal()
+    assert len(JAE(epochs=6, n_components=10, patience=100).fit(adata, seed=0).history) == 3
+    assert len(JAE(epochs=6, n_components=10, patience=100, scale_epochs=False).fit(adata, seed=0).history) == 6
+    rna, _ = normalized_blocks(adata, "JAE", 1e4)
+    assert sp.issparse(rna) and rna.nnz == adata.X.nnz  # no dense N x M copy before the SVD
 
 
 def test_uniform_batch_loss_is_minimal_at_a_uniform_prediction():
@@ -181,7 +195,9 @@ def test_cell_cycle_scores_are_scanpys_on_the_scaled_log_expression():
     ref = anndata.AnnData(scale(log_normalize(adata.X)), var=pd.DataFrame(index=adata.var_names))
     sc.tl.score_genes_cell_cycle(ref, s_genes=markers_present(adata.var_names, "S"),
                                  g2m_genes=markers_present(adata.var_names, "G2M"))
-    np.testing.assert_allclose(scores, ref.obs[["S_score", "G2M_score"]].to_numpy(), rtol=1e-5)
+    expected = ref.obs[["S_score", "G2M_score"]].to_numpy(np.float32)
+    np.testing.assert_array_equal(scores, expected)  # the scaled copy is scale's bit for bit (one copy, not three)
+    np.testing.assert_array_equal(cell_cycle_scores(adata.X.toarray(), adata.var_names, seed=0), expected)
     assert len(markers_present(adata.var_names, "S")) == 6
     assert cell_cycle_scores(adata.X, [f"x{j}" for j in range(adata.n_vars)]) is None
 
@@ -236,10 +252,10 @@ def test_pca_joint_projects_any_cells_as_sklearns_pca_of_the_fit_cells():
     assert model.features_rna_.shape == (20,) and model.features_mod2_.shape == (12,)  # all 12 proteins kept
 
     def selected(data):
-        rna, prot = log10_normalize(data.X), log10_normalize(data.obsm["mod2"])
+        rna, prot = dense(log10_normalize(data.X)), dense(log10_normalize(data.obsm["mod2"]))
         return np.hstack([rna[:, model.features_rna_], prot])
 
-    rna = log10_normalize(fit_cells.X)
+    rna = dense(log10_normalize(fit_cells.X))
     np.testing.assert_array_equal(model.features_rna_, np.sort(np.argsort(-rna.std(0), kind="stable")[:20]))
     pca = PCA(n_components=4, svd_solver="full").fit(selected(fit_cells))
     assert model.loadings_.shape == (20 + 12, 4) and model.mean_.shape == (20 + 12,)
