@@ -14,8 +14,9 @@ under ``--work``: ``fit`` and ``get_latent`` from memory (``--million``: from th
 with ``backed="r"``), then the leaderboard's scoring of that latent
 (`cellembed.evaluation.metrics.clustering_scores`: kNN graph, Louvain, k-means; approximate
 kNN above `cellembed.evaluation.graph.APPROX_ABOVE` cells). Columns: seconds of fit + embed,
-of the scoring, and the process's peak resident memory (``VmHWM``, the data included); a run
-past ``--timeout`` is cut and shown as ``>T``. The closing lines fit each model's growth
+of the scoring, and the process's peak resident memory (``VmHWM``, the data included), the
+Louvain and k-means ARIs, and the epochs the fit trained (per phase for scGPCL: pre-training +
+fine-tuning); a run past ``--timeout`` is cut and shown as ``>T``. The closing lines fit each model's growth
 exponent (time ~ N^b over the sizes it finished; linear is b = 1) and draw
 ``bench/results/scaling.png``.
 
@@ -181,7 +182,7 @@ def child(model_name, path, backed, score=True, seed=0):
     fit = time.perf_counter() - t0
     peak_fit = peak_mib()
     row = {"model": model_name, "cells": adata.n_obs, "load_s": load, "fit_s": fit, "peak_fit_mib": peak_fit,
-           "backed": backed}
+           "backed": backed, "epochs": epochs_run(model)}
     if score:
         labels = adata.obs["Celltype"].to_numpy().astype(str)
         t0 = time.perf_counter()
@@ -190,6 +191,16 @@ def child(model_name, path, backed, score=True, seed=0):
                    ari_kmeans=scores["ari_kmeans"])
     row["peak_mib"] = peak_mib()
     return row
+
+
+def epochs_run(model):
+    """The epochs a fit trained, ``"48"``, or per phase ``"10+10"`` (scGPCL's pre-training, fine-tuning)."""
+    phases = {}
+    for entry in getattr(model, "history", None) or []:
+        phase = entry.get("phase")  # scGPCL's "pretrain" / "finetune"; JAE's "phase" is its cell-cycle loss
+        phase = phase if isinstance(phase, str) else None
+        phases[phase] = phases.get(phase, 0) + 1
+    return "+".join(str(count) for count in phases.values()) or "-"
 
 
 def peak_mib():
@@ -239,8 +250,8 @@ def models_table(args):
     results = {}
     print(f"\nScaling: fit + embed, scoring, peak memory ({MODELS_DATA} cells resampled, 2,000 genes; "
           f"{'backed .h5ad' if args.million else 'in memory'}; timeout {args.timeout} s)", flush=True)
-    print("| model | cells | fit + embed s | scoring s | peak MiB | ARI Louvain | ARI k-means |\n|---|---:|---:|---:|---:|"
-          "---:|---:|", flush=True)
+    print("| model | cells | fit + embed s | scoring s | peak MiB | ARI Louvain | ARI k-means | epochs |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for n in sizes:
         for name in models:
             joint = get_model(name.split(":")[0]).__name__ in ("JAE", "PCAJoint")  # two modalities
@@ -249,7 +260,7 @@ def models_table(args):
             if args.reuse and kept.exists():
                 row = json.loads(kept.read_text())
             elif args.table_only:
-                print(f"| {name} | {n} | not run | | | | |", flush=True)
+                print(f"| {name} | {n} | not run | | | | | |", flush=True)
                 continue
             else:
                 if not path.exists():  # written under another name first: a cut run leaves no half file
@@ -262,11 +273,11 @@ def models_table(args):
                 row = None
             results[name, n] = row
             if row is None:
-                print(f"| {name} | {n} | >{args.timeout} | | | | |", flush=True)
+                print(f"| {name} | {n} | >{args.timeout} | | | | | |", flush=True)
             elif not row.get("failed"):
                 scores = (f"{row['score_s']:.1f} | {row['peak_mib']:.0f} | {row['ari_louvain']:.3f} | "
                           f"{row['ari_kmeans']:.3f}" if "score_s" in row else f"- | {row['peak_mib']:.0f} | - | -")
-                print(f"| {name} | {n} | {row['fit_s']:.1f} | {scores} |", flush=True)
+                print(f"| {name} | {n} | {row['fit_s']:.1f} | {scores} | {row.get('epochs', '-')} |", flush=True)
     if len(sizes) > 1:
         print("\nGrowth exponents b (time ~ N^b over the sizes each finished; 1 = linear):")
         for name in models:
