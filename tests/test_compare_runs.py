@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,35 +175,67 @@ def test_help_lists_the_models():
     assert proc.returncode == 0 and "models: pca, nmf_sse, nmf_psn, etm, scetm" in " ".join(proc.stdout.split())
 
 
+def group_alive(pgid):
+    """The command lines of the live (not zombie) processes of process group ``pgid``."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append((stat.parent / "cmdline").read_text().replace("\0", " ").strip())
+        except (OSError, IndexError, ValueError):  # a process that ended while being read
+            continue
+    return alive
+
+
 def interrupt(argv, wait_for, cwd, timeout=300):
     """Start a command, send SIGINT once ``wait_for`` appears in its output (stdout and stderr
-    together; None: at once), and return (exit code, output, seconds from SIGINT to exit).
+    together; None: after a second, in the middle of the imports), and return (exit code,
+    output, seconds from SIGINT to exit).
 
-    The command starts with SIGINT's default action whatever this process inherited: a suite
-    started in the background by a shell without job control (``bash -c '... &'``) runs with
-    SIGINT ignored, which a child inherits and Python then keeps, so no Ctrl-C would reach it.
+    Nothing here can block the suite: the output is read by a thread, every wait has a deadline,
+    and the command runs in a process group of its own that is killed whole at the end (a worker
+    it started must not outlive it, nor hold the output pipe open). The command starts with
+    SIGINT's default action whatever this process inherited: a suite started in the background
+    by a shell without job control (``bash -c '... &'``) runs with SIGINT ignored, which a child
+    inherits and Python then keeps, so no Ctrl-C would reach it.
     """
-    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    output = ""
-    deadline = time.monotonic() + timeout
-    if wait_for is not None:
-        while wait_for not in output:
-            line = proc.stdout.readline()
-            assert line and time.monotonic() < deadline, f"{wait_for!r} never came:\n{output}"
-            output += line
-    else:
-        time.sleep(1.0)  # in the middle of the imports
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
-        rest, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # killed, so that it does not run on beside the next tests
-        proc.kill()
-        rest, _ = proc.communicate()
-        raise AssertionError(f"still running 60 s after SIGINT; its output:\n{output + rest}") from None
-    return proc.returncode, output + rest, time.monotonic() - sent
+        deadline = time.monotonic() + (timeout if wait_for is not None else 1.0)
+        while time.monotonic() < deadline and proc.poll() is None:
+            if wait_for is not None and wait_for in "".join(lines):
+                break
+            time.sleep(0.05)
+        output = "".join(lines)
+        assert proc.poll() is None and (wait_for is None or wait_for in output), \
+            f"{wait_for!r} never came (exit code {proc.returncode}):\n{output}"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 60 s after SIGINT; its output:\n{''.join(lines)}") from None
+        seconds = time.monotonic() - sent
+        # a worker of the command's still alive 10 s after it ended would be an orphan
+        deadline = time.monotonic() + 10
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not group_alive(proc.pid), f"processes of the command outlived it by 10 s: {group_alive(proc.pid)}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the command and whatever it started
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    return code, "".join(lines), seconds
 
 
 def test_ctrl_c_keeps_the_finished_runs_and_resume_skips_them(tmp_path):
