@@ -16,7 +16,7 @@ from cellembed.data.checks import DataError
 from cellembed.likelihoods import CSRCounts, zinb_loss
 from cellembed.models import load_model
 from cellembed.models.scgpcl import (SCGPCL, CellGeneGraph, SCGPCLConfig, SCGPCLModule, column_mask, dec_kl,
-                                     epoch_budget, granularities, instance_nce, preprocess, proto_nce, select_genes,
+                                     epoch_budget, granularities, instance_nce, kmeans_fit, preprocess, proto_nce, select_genes,
                                      target_distribution)
 from cellembed.preprocessing import scale
 
@@ -231,6 +231,24 @@ def test_epoch_budget_follows_the_data_size_above_5000_cells():
     assert epoch_budget(SCGPCLConfig(fine_epochs=0), 5_000) == (200, 100, 0)  # no fine-tuning
     assert epoch_budget(SCGPCLConfig(fine_epochs=0), 10**7) == (1, 0, 0)  # 0 stays 0 (scaled_epochs gives >= 1)
     assert epoch_budget(SCGPCLConfig(epochs=3, warmup=1, fine_epochs=2), 10**7) == (1, 0, 1)
+
+
+def test_kmeans_above_max_cells_fits_a_subsample_and_assigns_every_cell():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(4, size=3000)
+    rep = torch.from_numpy(rng.normal(size=(4, 8))[truth] * 4 + rng.normal(size=(3000, 8))).float()
+    x = rep.double().numpy()
+    labels, centres = kmeans_fit(rep, 4, 5, 7, max_cells=3000)  # up to max_cells: sklearn on every cell
+    km = KMeans(4, n_init=5, random_state=7).fit(x)
+    np.testing.assert_array_equal(labels, km.labels_)
+    np.testing.assert_array_equal(centres, km.cluster_centers_)
+    labels, centres = kmeans_fit(rep, 4, 5, 7, max_cells=500)  # above: a seeded subsample of 500
+    rows = np.random.RandomState(7).choice(3000, 500, replace=False)
+    km = KMeans(4, n_init=5, random_state=7).fit(x[rows])
+    np.testing.assert_array_equal(centres, km.cluster_centers_)
+    nearest = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(labels, nearest)  # every cell, not only the subsample
+    assert adjusted_rand_score(truth, labels) > 0.99
 
 
 def test_planted_clusters_recovered_and_same_seed_same_clusters():
