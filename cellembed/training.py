@@ -65,6 +65,59 @@ def constant(value=1.0):
     return lambda epoch: value
 
 
+class FlatAdam(torch.optim.Adam):
+    """`torch.optim.Adam` over one flat buffer that holds every parameter: the same steps, faster.
+
+    The parameters become views of one contiguous tensor; each step concatenates their gradients
+    and runs torch's own (single-tensor) Adam once on the whole buffer. Adam is element-wise, so
+    every element gets the update it gets from ``torch.optim.Adam(params)``, bit for bit
+    (`tests/test_training.py`); what changes is ~10 vector operations a step instead of ~10 per
+    parameter tensor: a JAE step of 32 cells (26 tensors) went from 2.5 to 1.9 ms. For small
+    modules in small batches, where the per-tensor calls are a step's largest cost.
+
+    Build it after the module is on its device (the views are of that device's buffer). Every
+    parameter needs a gradient at every step (``torch.optim.Adam`` would skip one without: a
+    flat buffer cannot), else `step` raises.
+
+    Parameters
+    ----------
+    params : iterable of torch.nn.Parameter
+        One device and one dtype.
+    **kwargs
+        `torch.optim.Adam`'s (``lr``, ``betas``, ``eps``, ``weight_decay``); not ``foreach`` or
+        ``fused``, whose rounding differs from the single-tensor form.
+    """
+
+    def __init__(self, params, **kwargs):
+        members = list(params)
+        if {(p.device, p.dtype) for p in members} != {(members[0].device, members[0].dtype)}:
+            raise ValueError("FlatAdam: the parameters need one device and one dtype")
+        if kwargs.get("foreach") or kwargs.get("fused"):
+            raise ValueError("FlatAdam: runs torch's single-tensor Adam; foreach / fused do not apply")
+        with torch.no_grad():
+            flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in members]))
+        start = 0
+        for p in members:  # each parameter now reads and writes its slice of the buffer
+            p.data = flat.data[start:start + p.numel()].view_as(p)
+            start += p.numel()
+        super().__init__([flat], foreach=False, fused=False, **kwargs)
+        self._members, self._flat = members, flat
+
+    def zero_grad(self, set_to_none=True):
+        for p in self._members:
+            p.grad = None
+        self._flat.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        missing = [i for i, p in enumerate(self._members) if p.grad is None]
+        if missing:
+            raise RuntimeError(f"FlatAdam: parameter {missing[0]} has no gradient in this step; use "
+                               "torch.optim.Adam for a module whose parameters do not all take part in every step")
+        self._flat.grad = torch.cat([p.grad.reshape(-1) for p in self._members])
+        return super().step(closure)
+
+
 def batches(n_rows, batch_size, generator, shuffle=True):
     """Row indices of the minibatches of one epoch, shape (batch_size,) each (the last may be shorter).
 
