@@ -30,6 +30,23 @@ def dense(X, dtype=np.float32):
     return np.ascontiguousarray(X.toarray() if sp.issparse(X) else np.asarray(X), dtype=dtype)
 
 
+def column_sd(X):
+    """Population standard deviation (ddof 0) of every column of ``X`` (N, M), float64 (M,).
+
+    Sparse or dense, one formula and no dense copy of a sparse ``X``: the column means, then the
+    squared deviations of the stored entries plus ``mean^2`` for each implicit zero.
+    """
+    X = sp.csr_matrix(X)  # a dense X is read once into CSR; a sparse one is not copied
+    n = X.shape[0]
+    mean = np.asarray(X.sum(axis=0, dtype=np.float64)).ravel() / n  # n >= 1: checked data have cells
+    stored = np.bincount(X.indices, minlength=X.shape[1])
+    squares = np.zeros(X.shape[1])
+    for lo in range(0, X.nnz, CHUNK):  # (x - mean)^2 of the stored entries, CHUNK at a time
+        cols = X.indices[lo:lo + CHUNK]
+        squares += np.bincount(cols, weights=(X.data[lo:lo + CHUNK] - mean[cols]) ** 2, minlength=X.shape[1])
+    return np.sqrt((squares + (n - stored) * mean ** 2) / n)
+
+
 def library_sizes(X):
     """Total count of every cell, shape (N,), float64."""
     return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
