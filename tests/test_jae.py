@@ -185,18 +185,22 @@ def test_no_batch_column_and_no_markers_turn_those_heads_off():
     assert all("ce_batch" not in row and "phase" not in row for row in model.history)
 
 
-def test_cell_cycle_scores_are_scanpys_on_the_scaled_log_expression():
+@pytest.mark.parametrize("genes_per_block", [None, 2, 3])  # None: all 80 genes in one block
+def test_cell_cycle_scores_are_scanpys_on_the_scaled_log_expression(genes_per_block, monkeypatch):
     import scanpy as sc
 
+    import cellembed.models.jae as jae
     from cellembed.preprocessing import log_normalize, scale
 
     adata = multimodal(genes=with_cell_cycle_genes())
+    if genes_per_block:  # the gene means from blocks of 2 or 3 genes (80 = 26 x 3 + 2: 4-gene blocks too)
+        monkeypatch.setattr(jae, "CHUNK", genes_per_block * adata.n_obs)
     scores = cell_cycle_scores(adata.X, adata.var_names, seed=0)
     ref = anndata.AnnData(scale(log_normalize(adata.X)), var=pd.DataFrame(index=adata.var_names))
     sc.tl.score_genes_cell_cycle(ref, s_genes=markers_present(adata.var_names, "S"),
                                  g2m_genes=markers_present(adata.var_names, "G2M"))
     expected = ref.obs[["S_score", "G2M_score"]].to_numpy(np.float32)
-    np.testing.assert_array_equal(scores, expected)  # the scaled copy is scale's bit for bit (one copy, not three)
+    np.testing.assert_array_equal(scores, expected)  # scanpy's numbers bit for bit, without the dense N x M input
     np.testing.assert_array_equal(cell_cycle_scores(adata.X.toarray(), adata.var_names, seed=0), expected)
     assert len(markers_present(adata.var_names, "S")) == 6
     assert cell_cycle_scores(adata.X, [f"x{j}" for j in range(adata.n_vars)]) is None

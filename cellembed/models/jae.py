@@ -37,8 +37,9 @@ it would hold a single cell (batch norm needs two). Above 20,000 cells the epoch
 (``scale_epochs``, scvi-tools' rule, as for the other minibatch models): the source's 500 epochs of
 batch 32 grow linearly with N. Sparse counts stay sparse through the normalization and the SVDs
 (the same normalized values; the SVD's products round differently from dense ones); the cell-cycle
-scores still read one dense z-scored copy of the RNA (scanpy's ``score_genes`` on the scaled
-expression: N x M float32, 400 MB at 100,000 cells of 1,000 genes). Adam runs over one flat
+scores are scanpy's ``score_genes_cell_cycle`` on the scaled expression bit for bit, computed from
+column blocks of it and the markers' and control genes' columns (`cell_cycle_scores`), where scanpy
+reads a dense N x M z-scored copy (400 MB at 100,000 cells of 1,000 genes). Adam runs over one flat
 buffer of the parameters (`cellembed.training.FlatAdam`: torch's Adam bit for bit, a quarter less
 time per step of 32 cells).
 
@@ -60,7 +61,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -75,7 +75,7 @@ from cellembed.data.markers import markers_present
 from cellembed.data.minibatch import scaled_epochs
 from cellembed.data.validate import MOD2_KEY
 from cellembed.models.base import Model
-from cellembed.preprocessing import column_sd, dense, gene_scaling, log_normalize, log_normalize_sparse, standardize
+from cellembed.preprocessing import CHUNK, column_sd, dense, gene_scaling, log_normalize, log_normalize_sparse, standardize
 from cellembed.training import FlatAdam, predict, train
 
 
@@ -182,6 +182,14 @@ def modality(data):
 def cell_cycle_scores(counts, var_names, seed=0):
     """S and G2M scores of every cell (``scanpy.tl.score_genes_cell_cycle`` on the scaled log expression).
 
+    The numbers of scanpy 1.11's ``score_genes_cell_cycle(AnnData(scale(log_normalize(counts))))``
+    bit for bit (`tests/test_jae.py`), without its dense N x M input: scanpy reads the z-scored
+    matrix whole for one thing, every gene's mean over the cells, which bins the genes by
+    expression to draw the control genes. Here those means come from column blocks of the
+    z-scored values (each block holds every cell, so numpy sums each column in the same row
+    order), and only the markers' and the control genes' columns are made whole. The steps that
+    follow are scanpy's (`_score_genes`), the same pandas calls in the same order.
+
     Parameters
     ----------
     counts : sparse or ndarray, shape (N, M)
@@ -195,17 +203,48 @@ def cell_cycle_scores(counts, var_names, seed=0):
     ndarray, shape (N, 2), or None
         Columns S_score, G2M_score; None when no S or no G2M marker is among ``var_names``.
     """
-    import scanpy as sc
-
     s_genes, g2m_genes = markers_present(var_names, "S"), markers_present(var_names, "G2M")
     if not s_genes or not g2m_genes:
         return None
-    # scale(log_normalize(counts)) bit for bit, with one dense float32 copy (N x M) where scale holds three
     logged = log_normalize_sparse(counts) if sp.issparse(counts) else log_normalize(counts)
-    scaled = standardize(dense(logged), *gene_scaling(logged))
-    adata = anndata.AnnData(scaled, var=pd.DataFrame(index=pd.Index(var_names).astype(str)))
-    sc.tl.score_genes_cell_cycle(adata, s_genes=s_genes, g2m_genes=g2m_genes, random_state=seed)
-    return adata.obs[["S_score", "G2M_score"]].to_numpy(np.float32)
+    mean, sd = gene_scaling(logged)  # scale's: (x - mean) / sd, ddof 1
+    by_gene = sp.csc_matrix(logged) if sp.issparse(logged) else logged
+
+    def scaled(columns):
+        """The z-scored values of these genes, (N, len(columns)) float32, as `scale` gives them."""
+        return standardize(dense(by_gene[:, columns]), mean[columns], sd[columns])
+
+    # blocks of at least 2 genes (~CHUNK values): numpy sums a column of a block in row order, as
+    # in the whole matrix; a block of one column would be summed pairwise, another rounding
+    n_blocks = max(1, logged.shape[1] // max(2, CHUNK // max(1, logged.shape[0])))
+    gene_means = np.concatenate([np.nanmean(scaled(block), axis=0)  # (M,) float32, np.nanmean's
+                                 for block in np.array_split(np.arange(logged.shape[1]), n_blocks)])
+    names = pd.Index(var_names).astype(str)
+    ctrl_size = min(len(s_genes), len(g2m_genes))  # score_genes_cell_cycle's
+    return np.stack([_score_genes(scaled, gene_means, names, genes, ctrl_size, seed)
+                     for genes in (s_genes, g2m_genes)], axis=1).astype(np.float32)
+
+
+def _score_genes(scaled, gene_means, var_names, genes, ctrl_size, random_state, n_bins=25):
+    """``scanpy.tl.score_genes`` (1.11, ``ctrl_as_ref=True``) given every gene's mean: (N,) float64."""
+    np.random.seed(random_state)  # scanpy seeds numpy's global state; pandas' sample draws from it
+    gene_list = pd.Index(genes).intersection(var_names)
+    gene_pool = var_names.astype("string")
+    obs_avg = pd.Series(gene_means, index=gene_pool)
+    obs_avg = obs_avg[np.isfinite(obs_avg)]
+    n_items = int(np.round(len(obs_avg) / (n_bins - 1)))
+    obs_cut = obs_avg.rank(method="min") // n_items
+    control_genes = pd.Index([], dtype="string")
+    for cut in np.unique(obs_cut.loc[gene_list]):
+        r_genes = obs_cut[(obs_cut == cut) & ~False].index
+        if ctrl_size < len(r_genes):
+            r_genes = r_genes.to_series().sample(ctrl_size).index
+        control_genes = control_genes.union(r_genes.difference(gene_list))
+    if len(control_genes) == 0:
+        raise RuntimeError("cell-cycle scores: no control genes found in any expression bin")
+    means_list, means_control = (np.nanmean(scaled(var_names.get_indexer(g)), axis=1, dtype="float64")
+                                 for g in (gene_list, control_genes))
+    return means_list - means_control
 
 
 # ----------------------------------------------------------------------------- the torch module
