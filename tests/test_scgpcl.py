@@ -16,8 +16,8 @@ from cellembed.data.checks import DataError
 from cellembed.likelihoods import CSRCounts, zinb_loss
 from cellembed.models import load_model
 from cellembed.models.scgpcl import (SCGPCL, CellGeneGraph, SCGPCLConfig, SCGPCLModule, column_mask, dec_kl,
-                                     epoch_budget, granularities, instance_nce, kmeans_fit, preprocess, proto_nce, select_genes,
-                                     target_distribution)
+                                     epoch_budget, granularities, instance_nce, kmeans_fit, preprocess, proto_nce,
+                                     select_genes, target_distribution)
 from cellembed.preprocessing import scale
 
 FAST = dict(epochs=6, warmup=3, fine_epochs=6, batch_size=64, num_samples=(64, 32), layers=(32, 8), kmeans_n_init=4)

@@ -75,7 +75,8 @@ from cellembed.data.markers import markers_present
 from cellembed.data.minibatch import scaled_epochs
 from cellembed.data.validate import MOD2_KEY
 from cellembed.models.base import Model
-from cellembed.preprocessing import CHUNK, column_sd, dense, gene_scaling, log_normalize, log_normalize_sparse, standardize
+from cellembed.preprocessing import (CHUNK, column_sd, dense, gene_scaling, log_normalize, log_normalize_sparse,
+                                     standardize)
 from cellembed.training import FlatAdam, predict, train
 
 
@@ -236,7 +237,7 @@ def _score_genes(scaled, gene_means, var_names, genes, ctrl_size, random_state, 
     obs_cut = obs_avg.rank(method="min") // n_items
     control_genes = pd.Index([], dtype="string")
     for cut in np.unique(obs_cut.loc[gene_list]):
-        r_genes = obs_cut[(obs_cut == cut) & ~False].index
+        r_genes = obs_cut[obs_cut == cut].index  # ctrl_as_ref: the markers stay in the bins
         if ctrl_size < len(r_genes):
             r_genes = r_genes.to_series().sample(ctrl_size).index
         control_genes = control_genes.union(r_genes.difference(gene_list))
