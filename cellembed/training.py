@@ -92,7 +92,7 @@ class FlatAdam(torch.optim.Adam):
         members = list(params)
         if {(p.device, p.dtype) for p in members} != {(members[0].device, members[0].dtype)}:
             raise ValueError("FlatAdam: the parameters need one device and one dtype")
-        if kwargs.get("foreach") or kwargs.get("fused"):
+        if kwargs.pop("foreach", None) or kwargs.pop("fused", None):
             raise ValueError("FlatAdam: runs torch's single-tensor Adam; foreach / fused do not apply")
         with torch.no_grad():
             flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in members]))
