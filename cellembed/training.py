@@ -72,7 +72,7 @@ class FlatAdam(torch.optim.Adam):
     and runs torch's own (single-tensor) Adam once on the whole buffer. Adam is element-wise, so
     every element gets the update it gets from ``torch.optim.Adam(params)``, bit for bit
     (`tests/test_training.py`); what changes is ~10 vector operations a step instead of ~10 per
-    parameter tensor: a JAE step of 32 cells (26 tensors) went from 2.5 to 1.9 ms. For small
+    parameter tensor: a JAE step of 32 cells (28 tensors) went from 2.5 to 1.9 ms. For small
     modules in small batches, where the per-tensor calls are a step's largest cost.
 
     Build it after the module is on its device (the views are of that device's buffer). Every
