@@ -76,7 +76,8 @@ def exit_promptly_on_interrupt(prog, grace=INTERRUPT_GRACE):
     numba kernel, a t-SNE) or a join on a worker can hold it up. The C-level handler writes the
     signal to a wakeup pipe at once (`signal.set_wakeup_fd`); a watchdog thread reading it gives
     the main thread ``grace`` seconds to print its line and finish its (atomic) writes, then
-    ends the process with exit code 130. Call it from the main thread of a command-line entry
+    ends the process with exit code 130. A KeyboardInterrupt that Python drops (raised inside a
+    weakref callback or ``__del__``) is raised in the main thread again. Call it from the main thread of a command-line entry
     point only (not from a library or a test process).
     """
     import os
@@ -97,6 +98,22 @@ def exit_promptly_on_interrupt(prog, grace=INTERRUPT_GRACE):
         os._exit(130)
 
     threading.Thread(target=watch, name="interrupt-watchdog", daemon=True).start()
+
+    default_hook = sys.unraisablehook
+
+    def unraisable(info):
+        # Ctrl-C that lands in a weakref callback or a __del__ (a garbage collection) is "unraisable":
+        # Python prints it and drops it, and the main thread would run on until the watchdog ends it
+        # without its line. Deliver it to the main thread again, from another thread once the
+        # callback has returned (raised here, it would be dropped as this hook's own exception).
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            import _thread
+
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        default_hook(info)
+
+    sys.unraisablehook = unraisable
 
 
 class Parser(argparse.ArgumentParser):

@@ -238,6 +238,52 @@ def interrupt(argv, wait_for, cwd, timeout=300):
     return code, "".join(lines), seconds
 
 
+DROPPED_INTERRUPT = """
+import time, weakref
+from cellembed import cli
+cli.exit_promptly_on_interrupt("probe")
+
+class Box:
+    pass
+
+hit = []
+
+
+def slow(_ref):  # a weakref callback that holds the interpreter: Ctrl-C lands in one
+    try:
+        start = time.monotonic()
+        while time.monotonic() - start < 0.2:
+            pass
+    except KeyboardInterrupt:
+        hit.append(True)  # from now on the main thread runs plain code
+        raise
+
+
+print("go", flush=True)
+try:
+    while True:
+        if hit:
+            time.sleep(0.001)  # work of the main thread's own
+            continue
+        box = Box()
+        ref = weakref.ref(box, slow)
+        del box  # the callback runs here
+except KeyboardInterrupt:
+    cli.report_interrupt("probe: interrupted in the main thread")
+    raise SystemExit(130)
+"""
+
+
+def test_ctrl_c_inside_a_weakref_callback_still_reaches_the_main_thread(tmp_path):
+    """Python drops a KeyboardInterrupt raised in a weakref callback (as during a garbage collection);
+    the command-line handler raises it in the main thread again, which then says what it stopped."""
+    script = tmp_path / "probe.py"
+    script.write_text(DROPPED_INTERRUPT)
+    code, output, seconds = interrupt([script], "go", ROOT)
+    assert code == 130 and seconds < 2, (code, seconds, output)
+    assert "probe: interrupted in the main thread" in output and "Exception ignored" not in output, output
+
+
 def test_ctrl_c_keeps_the_finished_runs_and_resume_skips_them(tmp_path):
     argv = [ROOT / "compare.py", "--data", demo_path(), "--models", "pca,vae:epochs=100000", "--seeds", "0",
             "--no-tsne", "--out", tmp_path / "out"]
