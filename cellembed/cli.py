@@ -77,8 +77,8 @@ def exit_promptly_on_interrupt(prog, grace=INTERRUPT_GRACE):
     signal to a wakeup pipe at once (`signal.set_wakeup_fd`); a watchdog thread reading it gives
     the main thread ``grace`` seconds to print its line and finish its (atomic) writes, then
     ends the process with exit code 130. A KeyboardInterrupt that Python drops (raised inside a
-    weakref callback or ``__del__``) is raised in the main thread again. Call it from the main thread of a command-line entry
-    point only (not from a library or a test process).
+    weakref callback or ``__del__``) is raised in the main thread again. Call it from the main
+    thread of a command-line entry point only (not from a library or a test process).
     """
     import os
     import signal
