@@ -130,6 +130,44 @@ def test_same_seed_same_numbers_and_deterministic_latent():
     assert fits[0].history != fits[2].history
 
 
+@pytest.mark.parametrize("kind", ["ae", "vae", "vsc"])
+def test_posterior_holds_the_encoders_outputs_and_the_reports_code_latent_reads_it(kind):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "autoencoders.py"  # the bench's --protocol code
+    spec = importlib.util.spec_from_file_location("bench_autoencoders", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code_latent = bench.code_latent
+
+    adata = make_counts(n_per_type=20)
+    model = get_model(kind)(**TINY, epochs=3, batch_size=16).fit(adata, seed=0)
+    q = model.get_posterior(adata[:, ::-1].copy())  # genes by name, as get_latent
+    keys = {"ae": ["z"], "vae": ["mu", "logvar"], "vsc": ["mu", "logvar", "log_spike"]}[kind]
+    assert list(q) == keys and all(v.shape == (adata.n_obs, TINY["latent"]) for v in q.values())
+    from cellembed.data.backed import counts
+
+    x = model._inputs(counts(model._checked(adata, None)))[0][:]  # every cell's encoder input, by hand
+    with torch.no_grad():
+        direct = model.module_.encode(x.to(model.device_))
+    for k in keys:
+        np.testing.assert_allclose(q[k], direct[k].float().numpy(), rtol=1e-5, atol=1e-6)
+    latent = model.get_latent(adata)
+    if kind == "ae":
+        np.testing.assert_array_equal(code_latent(model, adata, seed=0), latent)
+    elif kind == "vsc":  # get_latent is the posterior mean gamma * mu; the report's notebook t-SNEs mu
+        np.testing.assert_allclose(latent, np.exp(q["log_spike"]) * q["mu"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(code_latent(model, adata, seed=0), q["mu"])
+        assert (q["log_spike"] < -0.01).any()  # gamma < 1 somewhere: the two differ
+    else:  # one draw mu + sigma eps, the same for the same seed, another for another
+        draw = code_latent(model, adata, seed=3)
+        eps = (draw - q["mu"]) / np.exp(0.5 * q["logvar"])
+        np.testing.assert_allclose(eps, np.random.default_rng(3).standard_normal(eps.shape), rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(code_latent(model, adata, seed=3), draw)
+        np.testing.assert_array_equal(latent, q["mu"])
+
+
 @pytest.mark.parametrize("options", [{}, {"likelihood": "nb"}])
 def test_save_and_load_give_the_same_latent_bit_for_bit(tmp_path, options):
     adata = make_counts(n_per_type=20)
@@ -218,12 +256,12 @@ def layer_shapes(module):
     ("vae", ["Linear(13714, 800)", "Linear(800, 400)", "ReLU", "Linear(400, 6)", "Linear(400, 6)"],
      ["Linear(6, 80)", "ReLU", "Linear(80, 400)", "ReLU", "Linear(400, 800)", "ReLU", "Linear(800, 13714)"],
      {"batch_size": 240, "max_value": 10.0, "hidden": (800, 400), "decoder_hidden": (80, 400, 800)}),
-    # betaVSC.py: h0 = relu(fc1(x)), h1 = relu(fc2(h0)), three heads; train_VSC: beta=1
+    # betaVSC.py: h0 = relu(fc1(x)), h1 = relu(fc2(h0)), three heads; train_VSC: beta=1; self.c = 50.0 fixed
     ("vsc", ["Linear(13714, 800)", "ReLU", "Linear(800, 400)", "ReLU", "Linear(400, 6)", "Linear(400, 6)",
              "Linear(400, 6)"],
      ["Linear(6, 80)", "ReLU", "Linear(80, 400)", "ReLU", "Linear(400, 800)", "ReLU", "Linear(800, 13714)"],
      {"batch_size": 240, "max_value": 10.0, "hidden": (800, 400), "decoder_hidden": (80, 400, 800),
-      "first_relu": True, "beta": 1.0, "latent": 6})])
+      "first_relu": True, "beta": 1.0, "latent": 6, "c_delta": 0.0})])
 def test_the_code_recipe_is_the_reports_public_code(kind, encoder, decoder, changes):
     model = get_model(kind)(recipe="code")
     report = get_model(kind).Config()
