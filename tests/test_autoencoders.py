@@ -135,6 +135,8 @@ def test_posterior_holds_the_encoders_outputs_and_the_reports_code_latent_reads_
     import importlib.util
     from pathlib import Path
 
+    from cellembed.data.backed import counts
+
     path = Path(__file__).resolve().parents[1] / "bench" / "autoencoders.py"  # the bench's --protocol code
     spec = importlib.util.spec_from_file_location("bench_autoencoders", path)
     bench = importlib.util.module_from_spec(spec)
@@ -146,8 +148,6 @@ def test_posterior_holds_the_encoders_outputs_and_the_reports_code_latent_reads_
     q = model.get_posterior(adata[:, ::-1].copy())  # genes by name, as get_latent
     keys = {"ae": ["z"], "vae": ["mu", "logvar"], "vsc": ["mu", "logvar", "log_spike"]}[kind]
     assert list(q) == keys and all(v.shape == (adata.n_obs, TINY["latent"]) for v in q.values())
-    from cellembed.data.backed import counts
-
     x = model._inputs(counts(model._checked(adata, None)))[0][:]  # every cell's encoder input, by hand
     with torch.no_grad():
         direct = model.module_.encode(x.to(model.device_))
@@ -165,6 +165,7 @@ def test_posterior_holds_the_encoders_outputs_and_the_reports_code_latent_reads_
         eps = (draw - q["mu"]) / np.exp(0.5 * q["logvar"])
         np.testing.assert_allclose(eps, np.random.default_rng(3).standard_normal(eps.shape), rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(code_latent(model, adata, seed=3), draw)
+        assert not np.allclose(code_latent(model, adata, seed=4), draw)
         np.testing.assert_array_equal(latent, q["mu"])
 
 
