@@ -56,7 +56,8 @@ text: the default ``ae`` 0.424 +- 0.056 / 0.428 +- 0.055, ``ae:recipe=code`` 0.4
 run behind it is 6 sd above the code recipe's mean; the default ``vae`` 0.461 +- 0.017 / 0.446 +-
 0.023 (the report: 0.440); the default ``vsc`` (latent 10) 0.472 +- 0.020 / 0.460 +- 0.033 and
 ``vsc:recipe=report`` 0.491 +- 0.029 / 0.479 +- 0.020 (the report: 0.465). ``vae:recipe=code``,
-seed 0 (2026-11-29): ARI 0.119 (clipped; unclipped, its loss became inf in epoch 40).
+seed 0 (2026-11-29): ARI 0.119 (clipped; unclipped, its loss became inf in epoch 40; clipped in fp32,
+2026-12-05: inf in epoch 35).
 ``max_value=10`` clips the z-scores as the report's Seurat ``ScaleData`` (``scale.max``) does; off
 by default until it is measured over seeds and data sets.
 
