@@ -43,6 +43,20 @@ reads a dense N x M z-scored copy (400 MB at 100,000 cells of 1,000 genes). Adam
 buffer of the parameters (`cellembed.training.FlatAdam`: torch's Adam bit for bit, a quarter less
 time per step of 32 cells).
 
+Measured (issue 22; docs/results.md, `python compare.py --data neurips_cite --data-root
+../shared/data --no-tsne --seeds 0 1 2 3 4 --models jae,pca_joint`, and ``--data neurips_multiome``;
+2-core AMD EPYC, 2026-12-05), the competition's joint mean score: CITE 0.706 +- 0.068 against
+``pca_joint``'s 0.783 +- 0.001, Multiome 0.582 +- 0.071 against 0.621 +- 0.001 (the source, on
+the competition's full test sets of tens of thousands of cells: 0.8039 and 0.8424). On CITE JAE is
+above the baseline on every metric but trajectory conservation (nmi 0.822 against 0.785, asw_label
+0.639 / 0.556, asw_batch 0.838 / 0.766, graph_conn 0.953 / 0.938, cc_cons 0.806 / 0.798), and
+``ti_cons_batch_mean`` decides: 0.176 +- 0.394 against 0.854, because scib scores 0 when no cell of
+the earliest type lies in the largest connected component of the neighbour graph restricted to the
+cells with a pseudotime (about 15% of these 600- and 500-cell subsets); JAE's label-separated
+latent splits that small graph on four CITE seeds of five (seed 1: 0.881, mean score 0.820). On
+Multiome it is above on nmi, asw_label, asw_batch and cc_cons, below on graph_conn (0.802 / 0.842)
+and ti_cons (0.412 / 0.678).
+
 The organisers' baseline (openproblems-bio/neurips2021_multimodal_viash,
 ``src/joint_embedding/methods/baseline_pca``): per modality the 1,000 features of largest standard
 deviation, concatenated, and the first 10 principal components (``irlba::prcomp_irlba``, centred,
