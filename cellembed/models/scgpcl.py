@@ -47,6 +47,13 @@ mouse_pancreas 0.572 +- 0.080 against 0.402 +- 0.015, pbmc3k 0.653 +- 0.004 agai
 0.625 +- 0.008; mean over the four sets 0.601 against 0.587. The source's fine-tuning stays the
 default (the better mean); a per-set choice would be tuning on the labels.
 
+The source's script for its table (``scripts/Real.sh``) pre-trains 10X_PBMC at ``--lr 0.001``, the
+mouse bladder cells (MCA) at 0.00001 and most sets at the default 0.0001. With 10X_PBMC's recipe,
+``scgpcl:lr=1e-3``, seeds 0-4: 10x_pbmc 0.686 +- 0.021 (the source's 0.6805 reproduced; 408 s a
+run), mouse_bladder 0.538 +- 0.072, mouse_pancreas 0.527 +- 0.092, pbmc3k 0.653 +- 0.017: the same
+mean over the four sets as 1e-4 (0.601), so one learning rate for every set stays 1e-4
+(docs/models.md, *The source's own learning rate per set*).
+
 Deviations (each for a stated reason):
 
 - Above 5,000 cells the epochs of both phases and the warm-up shrink as 1 / N (``scale_epochs``,
@@ -129,7 +136,9 @@ class SCGPCLConfig:
     top_fraction: float = 0.2  # --HVG 0.2: top 20% of genes by raw-count variance
     min_genes: int = 2000  # deviation: never fewer than this (all when fewer; see module doc)
     layers: tuple = (256, 64)  # --layers [256,64]: encoder widths; the gene embedding is layers[-1]
-    lr: float = 1e-4  # --lr 0.0001 (the slides' pre-training table; Real.sh varies it per set)
+    # --lr 0.0001 (the slides' pre-training table). Real.sh varies it per set (10X_PBMC 1e-3, MCA 1e-5):
+    # 1e-3 reproduces the 10x number but gives the same four-set mean as 1e-4 (module docstring)
+    lr: float = 1e-4
     weight_decay: float = 1e-4  # --decay 1e-4 (AdamW, and Adadelta in fine-tuning)
     fine_lr: float = 1.0  # --fine_lr 1.0 (Adadelta)
     fine_rho: float = 0.95  # fine_tune(): Adadelta rho .95
