@@ -224,9 +224,29 @@ def dask_client(workers=None, scheduler=None):
         level = log.level
         log.setLevel(logging.CRITICAL)
         try:
+            if scheduler is None:  # our own workers log in their own processes: quiet their shutdown too
+                _quiet_workers(client)
             client.close()
         finally:
             log.setLevel(level)
+
+
+def _quiet_workers(client):
+    """Raise the ``distributed`` log level to CRITICAL in every worker process of ``client``.
+
+    A worker whose heartbeat meets the scheduler already closed logs an ERROR with a traceback
+    (``Failed to communicate with scheduler during heartbeat``); at the shutdown of a cluster we
+    started, that says nothing. Workers already gone are skipped, and a cluster that no longer
+    answers leaves nothing to quiet: the closing goes on either way.
+    """
+    try:
+        client.run(_mute_distributed, on_error="ignore")
+    except Exception:  # noqa: BLE001 - only log levels were at stake; close() reports a real failure
+        pass
+
+
+def _mute_distributed():
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 def _ignore_interrupt():

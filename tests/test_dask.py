@@ -2,6 +2,7 @@
 serial loop's order, the same numbers), a scheduler that does not answer is one line, and neither
 --help nor a serial run imports distributed."""
 
+import logging
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from cellembed.cli import Notice
 from cellembed.datasets import demo_path
 from cellembed.leaderboard import _merged
 from cellembed.models import load_model
-from cellembed.runner import CONNECT_TIMEOUT
+from cellembed.runner import CONNECT_TIMEOUT, _quiet_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ["--data", demo_path(), "--models", "pca,nmf_psn:niter=5,vae:epochs=2", "--seeds", "0", "1", "--no-tsne",
@@ -60,6 +61,21 @@ def test_two_local_workers_give_the_serial_leaderboard(tmp_path, capfd, recwarn)
     for name in ("pca", "vae_epochs_2"):
         np.testing.assert_array_equal(load_model(dask / "models" / name).get_latent(demo),
                                       load_model(serial / "models" / name).get_latent(demo))
+
+
+def _worker_log_level():
+    return logging.getLogger("distributed.worker").getEffectiveLevel()
+
+
+def test_the_shutdown_of_our_own_workers_is_quiet_in_their_processes():
+    # a heartbeat that meets the closed scheduler logs an ERROR in the worker's process, where the
+    # client's log level does not reach: dask_client raises the workers' own level before closing
+    from distributed import Client
+
+    with Client(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as client:
+        assert set(client.run(_worker_log_level).values()) == {logging.INFO}  # distributed's default
+        _quiet_workers(client)
+        assert set(client.run(_worker_log_level).values()) == {logging.CRITICAL}
 
 
 def test_rows_are_written_in_the_serial_order_whatever_order_runs_finish_in():
